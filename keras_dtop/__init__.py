@@ -1,0 +1,13 @@
+"""keras-dtop: Dynamic Token Pruning for plain-ViT semantic segmentation in Keras 3."""
+
+from keras_dtop import layers
+from keras_dtop.models import (
+    PRESETS,
+    DToPBackbone,
+    DToPImageConverter,
+    DToPImageSegmenterPreprocessor,
+    DToPSegmenter,
+)
+from keras_dtop.version import __version__
+
+presets = tuple(PRESETS)

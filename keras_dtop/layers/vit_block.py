@@ -1,0 +1,146 @@
+"""Pre-norm ViT encoder block that honours a keep mask."""
+
+import keras
+from keras import ops
+
+from keras_dtop.layers.attention import attend, attention_logits, key_bias
+
+
+@keras.saving.register_keras_serializable(package="keras_dtop")
+class DToPEncoderBlock(keras.layers.Layer):
+    """ViT encoder block: `x + attn(LN(x))`, then `x + MLP(LN(x))`, with a keep mask.
+
+    Tokens whose keep mask is False are neither queries nor keys: they are
+    excluded from every softmax by an additive bias and their outputs are set
+    to zero, exactly as the authors' code drops them.
+
+    Weights are created in the same order and shapes as keras-hub's
+    `ViTEncoderBlock` (`ln_1`, query/key/value/output `EinsumDense`, `ln_2`,
+    MLP `dense_1`, `dense_2`), so `block.set_weights(hub_block.get_weights())`
+    copies a keras-hub block one to one. Unlike keras-hub's block it adds
+    stochastic depth (`drop_path_rate`).
+
+    Args:
+        hidden_dim: token width `D`.
+        num_heads: attention heads; `D` must be divisible by it.
+        mlp_dim: hidden width of the MLP (4·D in ViT).
+        dropout_rate: dropout after attention and in the MLP.
+        attention_dropout: dropout on attention weights.
+        drop_path_rate: probability of skipping a residual branch per sample.
+        layer_norm_epsilon: LayerNorm epsilon (1e-6 in ViT).
+
+    Call arguments:
+        x: `(batch, tokens, hidden_dim)`.
+        keep_mask: optional bool `(batch, tokens)`; None keeps every token.
+        training: enables dropout and stochastic depth.
+
+    Returns `(batch, tokens, hidden_dim)`, zero at pruned tokens.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        mlp_dim,
+        dropout_rate=0.0,
+        attention_dropout=0.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})."
+            )
+        self.hidden_dim = int(hidden_dim)
+        self.num_heads = int(num_heads)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.attention_dropout = float(attention_dropout)
+        self.drop_path_rate = float(drop_path_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.head_dim = self.hidden_dim // self.num_heads
+        policy = self.dtype_policy
+        self.layer_norm_1 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=policy, name="ln_1"
+        )
+        projection = dict(
+            equation="abc,cde->abde",
+            output_shape=(None, self.num_heads, self.head_dim),
+            bias_axes="de",
+            dtype=policy,
+        )
+        self.query_dense = keras.layers.EinsumDense(**projection, name="query")
+        self.key_dense = keras.layers.EinsumDense(**projection, name="key")
+        self.value_dense = keras.layers.EinsumDense(**projection, name="value")
+        self.output_dense = keras.layers.EinsumDense(
+            "abcd,cde->abe",
+            output_shape=(None, self.hidden_dim),
+            bias_axes="e",
+            dtype=policy,
+            name="attention_output",
+        )
+        self.layer_norm_2 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=policy, name="ln_2"
+        )
+        self.mlp_dense_1 = keras.layers.Dense(
+            self.mlp_dim, activation="gelu", dtype=policy, name="dense_1"
+        )
+        self.mlp_dense_2 = keras.layers.Dense(
+            self.hidden_dim, dtype=policy, name="dense_2"
+        )
+        self.attention_dropout_layer = keras.layers.Dropout(
+            self.attention_dropout, dtype=policy, name="attention_dropout"
+        )
+        self.dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="dropout"
+        )
+        # Stochastic depth: one Bernoulli draw per sample, broadcast over tokens.
+        self.drop_path = keras.layers.Dropout(
+            self.drop_path_rate, noise_shape=(None, 1, 1), dtype=policy, name="drop_path"
+        )
+
+    def build(self, input_shape):
+        token_shape = (None, None, self.hidden_dim)
+        self.layer_norm_1.build(token_shape)
+        self.query_dense.build(token_shape)
+        self.key_dense.build(token_shape)
+        self.value_dense.build(token_shape)
+        self.output_dense.build((None, None, self.num_heads, self.head_dim))
+        self.layer_norm_2.build(token_shape)
+        self.mlp_dense_1.build(token_shape)
+        self.mlp_dense_2.build((None, None, self.mlp_dim))
+        self.built = True
+
+    def call(self, x, keep_mask=None, training=None):
+        h = self.layer_norm_1(x)
+        query = self.query_dense(h)
+        key = self.key_dense(h)
+        value = self.value_dense(h)
+        bias = None if keep_mask is None else key_bias(keep_mask, query.dtype)
+        logits = attention_logits(query, key, self.head_dim**-0.5)
+        h = attend(logits, value, bias, self.attention_dropout_layer, training)
+        h = self.dropout(self.output_dense(h), training=training)
+        x = x + self.drop_path(h, training=training)
+        h = self.mlp_dense_2(self.dropout(self.mlp_dense_1(self.layer_norm_2(x)), training=training))
+        x = x + self.drop_path(self.dropout(h, training=training), training=training)
+        if keep_mask is not None:
+            x = ops.where(keep_mask[:, :, None], x, ops.zeros_like(x))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dim=self.hidden_dim,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            attention_dropout=self.attention_dropout,
+            drop_path_rate=self.drop_path_rate,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config

@@ -1,0 +1,314 @@
+"""DToPSegmenter: staged ViT segmentation with dynamic token pruning."""
+
+import inspect
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import ImageSegmenter
+
+from keras_dtop.layers.grading_head import GradingHead
+from keras_dtop.layers.pruning import TokenPruner, check_threshold, check_top_k
+from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
+from keras_dtop.models.preprocessor import (
+    DToPImageConverter,
+    DToPImageSegmenterPreprocessor,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_dtop")
+class DToPSegmenter(ImageSegmenter):
+    """Semantic segmentation with Dynamic Token Pruning (Tang et al., ICCV 2023).
+
+    The backbone's layers are cut into stages at `stage_ends`; a `GradingHead`
+    follows every stage. After each stage but the last, tokens whose best class
+    score exceeds `prune_threshold` (p0) exit (the `keep_top_k` most confident
+    of every predicted class stay as context): later layers and heads no longer
+    see them and their mask logits freeze on a canvas. The output stitches
+    every token's prediction from the stage where it exited, scaled by the
+    final head's class presence.
+
+    This is the masked reference execution: static shapes, exited tokens
+    excluded from attention and zeroed, identical on every backend.
+
+    `model(images)` expects normalised images `(batch, H, W, 3)` (H, W
+    multiples of the patch size) and returns per-pixel class scores
+    `(batch, H, W, num_classes)`; `predict` applies the preprocessor first.
+    `model(images, return_details=True)` / `predict_details(images)` also give
+    the exit stage of every token, alive counts and every head's outputs.
+
+    Args:
+        backbone: a `DToPBackbone`.
+        num_classes: number of classes C (>= 1).
+        stage_ends: 0-based last layer of each stage; defaults to the backbone's.
+        prune_threshold: p0 in (0, 1]; 1.0 disables pruning.
+        keep_top_k: k >= 0 context tokens kept per predicted class and stage.
+        head_hidden_dim, head_num_heads, head_num_layers, head_mlp_ratio,
+            head_dropout, head_layer_norm_epsilon: grading head settings, the
+            same for every stage.
+        preprocessor: a `DToPImageSegmenterPreprocessor` or None.
+    """
+
+    backbone_cls = DToPBackbone
+    preprocessor_cls = DToPImageSegmenterPreprocessor
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        stage_ends=None,
+        prune_threshold=0.9,
+        keep_top_k=5,
+        head_hidden_dim=384,
+        head_num_heads=6,
+        head_num_layers=3,
+        head_mlp_ratio=4,
+        head_dropout=0.1,
+        head_layer_norm_epsilon=1e-5,
+        pruning_enabled=True,
+        preprocessor=None,
+        compile=True,
+        **kwargs,
+    ):
+        if not isinstance(backbone, DToPBackbone):
+            raise TypeError(f"backbone must be a DToPBackbone, got {type(backbone).__name__}.")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"num_classes must be an int >= 1, got {num_classes!r}.")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        stage_ends = check_stage_ends(
+            backbone.stage_ends if stage_ends is None else stage_ends, backbone.num_layers
+        )
+        super().__init__(compile=False, **kwargs)
+
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.grading_heads = [
+            GradingHead(
+                num_classes,
+                head_hidden_dim,
+                head_num_heads,
+                head_num_layers,
+                head_mlp_ratio,
+                head_dropout,
+                head_layer_norm_epsilon,
+                dtype=backbone.dtype_policy,
+                name=f"grading_head_{j}",
+            )
+            for j in range(len(stage_ends))
+        ]
+        for head in self.grading_heads:
+            head.build((None, None, backbone.hidden_dim))
+        self.pruner = TokenPruner(prune_threshold, keep_top_k, name="token_pruner")
+        self.dtype_policy = backbone.dtype_policy
+
+        # === Config ===
+        self.num_classes = int(num_classes)
+        self.stage_ends = stage_ends
+        self.head_hidden_dim = int(head_hidden_dim)
+        self.head_num_heads = int(head_num_heads)
+        self.head_num_layers = int(head_num_layers)
+        self.head_mlp_ratio = head_mlp_ratio
+        self.head_dropout = float(head_dropout)
+        self.head_layer_norm_epsilon = float(head_layer_norm_epsilon)
+        self._pruning_enabled = bool(pruning_enabled)
+        self.built = True
+        if compile:
+            self.compile()
+
+    # --- Pruning controls (take effect without rebuilding) ---
+
+    @property
+    def prune_threshold(self):
+        """p0: tokens with best score strictly above it are exit candidates."""
+        return self.pruner.prune_threshold
+
+    @prune_threshold.setter
+    def prune_threshold(self, value):
+        self.pruner.prune_threshold = check_threshold(value)
+        self._reset_compiled_functions()
+
+    @property
+    def keep_top_k(self):
+        """k: most confident candidates kept alive per predicted class."""
+        return self.pruner.keep_top_k
+
+    @keep_top_k.setter
+    def keep_top_k(self, value):
+        self.pruner.keep_top_k = check_top_k(value)
+        self._reset_compiled_functions()
+
+    @property
+    def pruning_enabled(self):
+        """False runs the model densely whatever p0 is (p0 is kept)."""
+        return self._pruning_enabled
+
+    @pruning_enabled.setter
+    def pruning_enabled(self, value):
+        self._pruning_enabled = bool(value)
+        self._reset_compiled_functions()
+
+    @property
+    def prunes(self):
+        """Whether the auxiliary heads make exit decisions."""
+        return self._pruning_enabled and self.prune_threshold < 1.0 and len(self.stage_ends) > 1
+
+    def _reset_compiled_functions(self):
+        # p0, k and the on/off switch are Python values baked into traced
+        # functions: drop them so the next fit/evaluate/predict retraces.
+        self.train_function = None
+        self.test_function = None
+        self.predict_function = None
+
+    # --- Forward ---
+
+    def call(self, images, training=None, return_details=False):
+        outputs = self.forward_stages(images, training=training, return_details=return_details)
+        return outputs if return_details else outputs["scores"]
+
+    def forward_stages(self, images, training=None, return_details=True):
+        """Masked reference forward pass.
+
+        Returns a dict:
+            scores: `(batch, H, W, classes)` per-pixel class scores.
+            token_scores: `(batch, classes, tokens)` final per-token scores.
+            heads: one dict per stage with `presence_logits (batch, classes, 2)`,
+                `mask_logits (batch, classes, tokens)` (0 where unseen),
+                `canvas (batch, classes, tokens)`, `token_scores` and
+                `alive (batch, tokens)`: the tokens that head saw.
+            exit_stage: int32 `(batch, h, w)`, 0-based stage each token exited
+                after (the last stage for tokens that never exited).
+            alive_counts: int32 `(batch, stages)`, tokens each head saw.
+        Auxiliary heads are skipped when they can neither prune nor be
+        trained nor reported (inference with pruning off and no details).
+        """
+        images = self._check_images(images)
+        shape = ops.shape(images)
+        grid_h = shape[1] // self.backbone.patch_size
+        grid_w = shape[2] // self.backbone.patch_size
+        x = self.backbone.patch_embedding(images)
+        batch, num_tokens = ops.shape(x)[0], ops.shape(x)[1]
+
+        last = len(self.stage_ends) - 1
+        alive = ops.ones((batch, num_tokens), dtype="bool")
+        keep_mask = None  # None: no token has exited yet (dense attention)
+        exit_stage = ops.full((batch, num_tokens), last, dtype="int32")
+        canvas, heads = None, []
+        first_layer = 0
+        for stage, last_layer in enumerate(self.stage_ends):
+            for block in self.backbone.encoder_blocks[first_layer : last_layer + 1]:
+                x = block(x, keep_mask=keep_mask, training=training)
+            first_layer = last_layer + 1
+            prune = stage < last and self.prunes
+            if not (stage == last or prune or training or return_details):
+                continue
+            presence_logits, mask_logits = self.grading_heads[stage](
+                x, keep_mask=keep_mask, training=training
+            )
+            canvas, scores, exits = self.pruner(
+                presence_logits, mask_logits, canvas, alive, prune=prune
+            )
+            heads.append(
+                {
+                    "presence_logits": presence_logits,
+                    "mask_logits": mask_logits,
+                    "canvas": canvas,
+                    "token_scores": scores,
+                    "alive": alive,
+                }
+            )
+            if prune:
+                exit_stage = ops.where(exits, stage, exit_stage)
+                alive = alive & ~exits
+                keep_mask = alive
+
+        token_map = ops.transpose(heads[-1]["token_scores"], (0, 2, 1))
+        token_map = ops.reshape(token_map, (batch, grid_h, grid_w, self.num_classes))
+        scores = ops.image.resize(
+            token_map, (shape[1], shape[2]), interpolation="bilinear", antialias=False
+        )
+        outputs = {"scores": scores, "token_scores": heads[-1]["token_scores"]}
+        if return_details:
+            outputs["heads"] = heads
+            outputs["exit_stage"] = ops.reshape(exit_stage, (batch, grid_h, grid_w))
+            outputs["alive_counts"] = ops.stack(
+                [ops.sum(ops.cast(h["alive"], "int32"), axis=-1) for h in heads], axis=1
+            )
+        return outputs
+
+    def _check_images(self, images):
+        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+            images = ops.convert_to_tensor(images)
+        dtype = keras.backend.standardize_dtype(images.dtype)
+        if dtype == "bool" or dtype.startswith("string") or dtype.startswith("complex"):
+            raise TypeError(f"Images must be a real-valued numeric tensor, got dtype {dtype}.")
+        return images
+
+    def predict_details(self, images, batch_size=8):
+        """Run the preprocessor and the model on `images`, return NumPy details.
+
+        images: `(count, H, W, 3)` raw RGB pixels (what `predict` takes). Returns
+        the dict of `forward_stages` as NumPy arrays, batches concatenated.
+        """
+        images = np.asarray(images)
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            if self.preprocessor is not None:
+                batch = self.preprocessor(batch)
+            outputs = self(batch, training=False, return_details=True)
+            chunks.append(keras.tree.map_structure(ops.convert_to_numpy, outputs))
+        return keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
+
+    # --- Serialisation and presets ---
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            stage_ends=self.stage_ends,
+            prune_threshold=self.prune_threshold,
+            keep_top_k=self.keep_top_k,
+            head_hidden_dim=self.head_hidden_dim,
+            head_num_heads=self.head_num_heads,
+            head_num_layers=self.head_num_layers,
+            head_mlp_ratio=self.head_mlp_ratio,
+            head_dropout=self.head_dropout,
+            head_layer_norm_epsilon=self.head_layer_norm_epsilon,
+            pruning_enabled=self.pruning_enabled,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.setdefault("compile", False)
+        return super().from_config(config)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Build a named architecture (`keras_dtop.presets`), randomly initialised.
+
+        Keyword arguments override the preset: `DToPBackbone` arguments
+        (`image_size`, `stage_ends`, `drop_path_rate`, ...) go to the backbone,
+        the rest (`num_classes`, `prune_threshold`, ...) to the segmenter.
+        Names that are not keras-dtop presets go to keras-hub's loader.
+        """
+        from keras_dtop.models import presets
+
+        if preset not in presets.PRESETS:
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        spec = presets.PRESETS[preset]
+        backbone_config = dict(spec["backbone"])
+        segmenter_config = dict(spec["segmenter"])
+        backbone_args = inspect.signature(DToPBackbone.__init__).parameters
+        for key in list(kwargs):
+            if key in backbone_args and key != "kwargs":
+                backbone_config[key] = kwargs.pop(key)
+        segmenter_config.update(kwargs)
+        backbone = DToPBackbone(**backbone_config)
+        converter = DToPImageConverter.from_mean_std(**spec["preprocessor"])
+        preprocessor = DToPImageSegmenterPreprocessor(image_converter=converter)
+        return cls(backbone=backbone, preprocessor=preprocessor, **segmenter_config)
