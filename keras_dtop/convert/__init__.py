@@ -1,0 +1,6 @@
+"""Weight converters into keras-dtop models."""
+
+from keras_dtop.convert.authors import (
+    load_authors_state_dict,
+    segmenter_from_authors_state_dict,
+)
