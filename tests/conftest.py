@@ -1,0 +1,72 @@
+"""Shared test helpers: tiny models, the authors' fixture, backend-neutral conversions.
+
+The backend is chosen by KERAS_BACKEND before keras is imported (`.ci/run`
+runs the suite once per backend).
+"""
+
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dtop
+
+FIXTURE_DIR = Path(
+    os.environ.get(
+        "KERAS_DTOP_FIXTURES",
+        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "authors-dtop",
+    )
+)
+
+
+def to_numpy(structure):
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, structure)
+
+
+def tiny_backbone(**overrides):
+    config = dict(
+        patch_size=16,
+        hidden_dim=32,
+        num_layers=4,
+        num_heads=2,
+        mlp_dim=64,
+        image_size=(64, 64),
+        stage_ends=(1, 2, 3),
+    )
+    config.update(overrides)
+    return keras_dtop.DToPBackbone(**config)
+
+
+def tiny_segmenter(backbone=None, **overrides):
+    config = dict(
+        num_classes=4,
+        head_hidden_dim=16,
+        head_num_heads=2,
+        head_num_layers=2,
+        prune_threshold=0.2,
+        keep_top_k=1,
+    )
+    config.update(overrides)
+    return keras_dtop.DToPSegmenter(backbone or tiny_backbone(), **config)
+
+
+def random_images(batch=2, height=64, width=64, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, height, width, 3)).astype("float32")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    yield
+
+
+def load_fixture(name):
+    path = FIXTURE_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Authors' reference fixture not found at {path}. Put the shared/ folder beside "
+            "the repository or set KERAS_DTOP_FIXTURES."
+        )
+    return np.load(path)
