@@ -32,7 +32,7 @@ def update_canvas(canvas, mask_logits, seen):
     """
     if canvas is None:
         return mask_logits
-    return ops.where(seen[:, None, :], mask_logits, canvas)
+    return ops.where(ops.cast(seen, "bool")[:, None, :], mask_logits, canvas)
 
 
 def _first_index_where(condition, axis):
@@ -62,6 +62,7 @@ def select_exits(scores, alive, threshold, keep_top_k):
     Returns bool `(batch, tokens)`: the tokens that exit here (a subset of `alive`).
     """
     scores = ops.stop_gradient(ops.cast(scores, "float32"))
+    alive = ops.cast(alive, "bool")
     num_classes, num_tokens = scores.shape[1], scores.shape[2]
     confidence = ops.max(scores, axis=1)  # (B, N)
     label = _first_index_where(scores == confidence[:, None, :], axis=1)  # (B, N)
