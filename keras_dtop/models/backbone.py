@@ -42,6 +42,7 @@ def check_stage_ends(stage_ends, num_layers):
     return ends
 
 
+@keras.saving.register_keras_serializable(package="keras_dtop")
 class DToPBackbone(Backbone):
     """Plain ViT backbone for DToP (design doc §2.1).
 

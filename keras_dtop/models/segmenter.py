@@ -48,6 +48,9 @@ class DToPSegmenter(ImageSegmenter):
             head_dropout, head_layer_norm_epsilon: grading head settings, the
             same for every stage.
         preprocessor: a `DToPImageSegmenterPreprocessor` or None.
+        compile: compile with keras-hub's `ImageSegmenter` defaults. Off by
+            default: those defaults (cross-entropy on the score map) are not
+            the DToP loss.
     """
 
     backbone_cls = DToPBackbone
@@ -68,7 +71,7 @@ class DToPSegmenter(ImageSegmenter):
         head_layer_norm_epsilon=1e-5,
         pruning_enabled=True,
         preprocessor=None,
-        compile=True,
+        compile=False,
         **kwargs,
     ):
         if not isinstance(backbone, DToPBackbone):
@@ -280,12 +283,6 @@ class DToPSegmenter(ImageSegmenter):
             pruning_enabled=self.pruning_enabled,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config.setdefault("compile", False)
-        return super().from_config(config)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
