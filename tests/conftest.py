@@ -70,3 +70,27 @@ def load_fixture(name):
             "the repository or set KERAS_DTOP_FIXTURES."
         )
     return np.load(path)
+
+
+def gradient(fn, x):
+    """d sum(fn(x)) / dx with the active backend's autodiff, as NumPy."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(fn(x))
+        return tape.gradient(y, x).numpy()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: fn(v).sum())(keras.ops.convert_to_tensor(x)))
+    if backend == "torch":
+        import torch
+
+        x = torch.tensor(np.asarray(x), requires_grad=True)
+        fn(x).sum().backward()
+        return x.grad.numpy()
+    raise NotImplementedError(backend)

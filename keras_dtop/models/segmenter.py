@@ -8,13 +8,16 @@ import numpy as np
 from keras import ops
 from keras_hub.models import ImageSegmenter
 
+from keras_dtop.data.labels import check_labels, check_labels_in_dataset
 from keras_dtop.layers.grading_head import GradingHead
+from keras_dtop.losses import IGNORE_INDEX, DToPLoss
 from keras_dtop.layers.pruning import TokenPruner, check_threshold, check_top_k
 from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
 from keras_dtop.models.preprocessor import (
     DToPImageConverter,
     DToPImageSegmenterPreprocessor,
 )
+from keras_dtop.optimizers import DToPAdamW
 
 
 @keras.saving.register_keras_serializable(package="keras_dtop")
@@ -31,6 +34,12 @@ class DToPSegmenter(ImageSegmenter):
 
     This is the masked reference execution: static shapes, exited tokens
     excluded from attention and zeroed, identical on every backend.
+
+    Unlike keras-hub's functional tasks this one is subclassed: the stages
+    interleave backbone blocks with heads and exit decisions, the pruning
+    switches are Python values read at trace time, and the optional details
+    are a nested dict. The backbone stays a functional keras-hub `Backbone`
+    (its dense pass) whose layers this task runs stage by stage.
 
     `model(images)` expects normalised images `(batch, H, W, 3)` (H, W
     multiples of the patch size) and returns per-pixel class scores
@@ -117,6 +126,8 @@ class DToPSegmenter(ImageSegmenter):
         self.head_dropout = float(head_dropout)
         self.head_layer_norm_epsilon = float(head_layer_norm_epsilon)
         self._pruning_enabled = bool(pruning_enabled)
+        self._loss_outputs = False  # True inside fit/evaluate: call returns what the loss needs
+        self.dtop_loss = DToPLoss()
         self.built = True
         if compile:
             self.compile()
@@ -167,7 +178,9 @@ class DToPSegmenter(ImageSegmenter):
 
     # --- Forward ---
 
-    def call(self, images, training=None, return_details=False):
+    def call(self, images, training=None, return_details=None):
+        if return_details is None:
+            return_details = self._loss_outputs
         outputs = self.forward_stages(images, training=training, return_details=return_details)
         return outputs if return_details else outputs["scores"]
 
@@ -264,6 +277,122 @@ class DToPSegmenter(ImageSegmenter):
             outputs = self(batch, training=False, return_details=True)
             chunks.append(keras.tree.map_structure(ops.convert_to_numpy, outputs))
         return keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
+
+    # --- Training: compile, the loss and the logged metrics ---
+
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+        """Compile with the DToP loss and optimiser by default.
+
+        optimizer: "auto" is `DToPAdamW` (AdamW lr 2e-5, wd 0.01, heads x10,
+            constant rate); `keras_dtop.optimizers.dtop_optimizer(total_steps)`
+            adds the warm-up + poly schedule. Any Keras optimizer works.
+        loss: "auto"/None is `DToPLoss()`; pass a `DToPLoss` to change its options.
+        metrics: "auto" is mean IoU (`miou`, 255 ignored). Per-stage losses
+            (`loss_stage_j`) and the fraction of tokens alive after each
+            pruning stage (`alive_stage_j`) are always logged.
+        """
+        if optimizer == "auto":
+            optimizer = DToPAdamW()
+        if loss in ("auto", None):
+            loss = DToPLoss()
+        if not isinstance(loss, DToPLoss):
+            raise TypeError(f"loss must be a keras_dtop.losses.DToPLoss, got {loss!r}.")
+        if metrics == "auto":
+            metrics = [
+                keras.metrics.MeanIoU(
+                    self.num_classes, ignore_class=IGNORE_INDEX, sparse_y_pred=False, name="miou"
+                )
+            ]
+        self.dtop_loss = loss
+        stages = len(self.stage_ends)
+        self.stage_loss_trackers = [
+            keras.metrics.Mean(name=f"loss_stage_{j + 1}") for j in range(stages)
+        ]
+        self.alive_trackers = [
+            keras.metrics.Mean(name=f"alive_stage_{j + 1}") for j in range(stages - 1)
+        ]
+        keras.Model.compile(self, optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        # Create the optimizer's slots now rather than inside the first traced
+        # step (TF traces that step twice when it creates variables).
+        self.optimizer.build(self.trainable_variables)
+
+    def _stage_losses(self, y, y_pred):
+        grid = tuple(s // self.backbone.patch_size for s in ops.shape(y)[1:3])
+        return self.dtop_loss.stage_losses(y_pred["heads"], y, grid)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Total DToP loss: sum over heads of presence CE + 20·focal + dice."""
+        total = ops.sum(ops.stack(self._stage_losses(y, y_pred)))
+        if self.losses:
+            total = total + ops.sum(self.losses)
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        for tracker, value in zip(self.stage_loss_trackers, self._stage_losses(y, y_pred)):
+            tracker.update_state(ops.stop_gradient(value))
+        counts = ops.cast(y_pred["alive_counts"], "float32")
+        tokens = ops.cast(ops.shape(y_pred["exit_stage"])[1] * ops.shape(y_pred["exit_stage"])[2], "float32")
+        for j, tracker in enumerate(self.alive_trackers):
+            tracker.update_state(counts[:, j + 1] / tokens)
+        return super().compute_metrics(x, y, y_pred["scores"], sample_weight)
+
+    def predict_step(self, data):
+        outputs = super().predict_step(data)
+        return outputs["scores"] if isinstance(outputs, dict) else outputs
+
+    def _with_loss_outputs(self, method, *args, **kwargs):
+        previous, self._loss_outputs = self._loss_outputs, True
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._loss_outputs = previous
+
+    def fit(self, x=None, y=None, validation_data=None, **kwargs):
+        """`keras.Model.fit` on images `(batch, H, W, 3)` and int labels `(batch, H, W)`.
+
+        Labels are checked before the first step (values in `[0, num_classes)`
+        or 255, integer dtype, shape matching the images). Pruning is active
+        during training when `prune_threshold < 1` (the method's fine-tune).
+        """
+        self._check_training_data(x, y, kwargs.get("sample_weight"))
+        if isinstance(validation_data, tuple):
+            self._check_training_data(*validation_data[:2])
+        elif validation_data is not None:
+            self._check_training_data(validation_data, None)
+        return self._with_loss_outputs(
+            super().fit, x=x, y=y, validation_data=validation_data, **kwargs
+        )
+
+    def evaluate(self, x=None, y=None, **kwargs):
+        if not kwargs.get("_use_cached_eval_dataset", False):
+            self._check_training_data(x, y, kwargs.get("sample_weight"))
+        return self._with_loss_outputs(super().evaluate, x=x, y=y, **kwargs)
+
+    def train_on_batch(self, x, y=None, **kwargs):
+        self._check_training_data(x, y, kwargs.get("sample_weight"))
+        return self._with_loss_outputs(super().train_on_batch, x, y, **kwargs)
+
+    def test_on_batch(self, x, y=None, **kwargs):
+        self._check_training_data(x, y, kwargs.get("sample_weight"))
+        return self._with_loss_outputs(super().test_on_batch, x, y, **kwargs)
+
+    def _check_training_data(self, x, y, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported by the DToP loss.")
+        if y is None and x is not None and hasattr(x, "element_spec"):
+            check_labels_in_dataset(x, self.num_classes)
+        elif y is not None:
+            check_labels(y, self.num_classes, getattr(x, "shape", None))
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None:
+            config["loss"] = keras.saving.serialize_keras_object(self.dtop_loss)
+        return config
 
     # --- Serialisation and presets ---
 
