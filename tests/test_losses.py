@@ -6,20 +6,21 @@ from conftest import to_numpy
 from keras_dtop.losses import DToPLoss, upsample_canvas
 
 
-def bilinear_2x(grid):
-    """Half-pixel bilinear x2 upsampling of a (h, w) array, edges clamped (NumPy)."""
-    def axis_weights(n):
-        src = (np.arange(2 * n) + 0.5) / 2 - 0.5
-        lo = np.clip(np.floor(src), 0, n - 1).astype(int)
-        hi = np.clip(lo + 1, 0, n - 1)
-        frac = np.clip(src - np.floor(src), 0, 1)
-        frac = np.where(src < 0, 0.0, frac)
-        m = np.zeros((2 * n, n))
-        m[np.arange(2 * n), lo] += 1 - frac
-        m[np.arange(2 * n), hi] += frac
+def bilinear(grid, size):
+    """Half-pixel bilinear resize of a (h, w) array to `size`, edges clamped (NumPy)."""
+
+    def axis_weights(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = src - lo
+        m = np.zeros((n_out, n_in))
+        m[np.arange(n_out), lo] += 1 - frac
+        m[np.arange(n_out), hi] += frac
         return m
 
-    rows, cols = axis_weights(grid.shape[0]), axis_weights(grid.shape[1])
+    rows = axis_weights(grid.shape[0], size[0])
+    cols = axis_weights(grid.shape[1], size[1])
     return rows @ grid @ cols.T
 
 
@@ -37,7 +38,7 @@ def hand_loss(presence, canvas, labels, grid, exclude_ignored=False):
         for c in range(classes):
             if not present[b, c]:
                 continue
-            logit = bilinear_2x(canvas[b, c].reshape(grid))
+            logit = bilinear(canvas[b, c].reshape(grid), labels[b].shape)
             p = 1 / (1 + np.exp(-logit))
             t = (labels[b] == c).astype(float)
             bce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
@@ -68,7 +69,7 @@ def test_upsample_canvas_matches_bilinear():
     ours = to_numpy(upsample_canvas(canvas, (2, 3), (4, 6)))
     for b in range(2):
         for c in range(4):
-            expected = bilinear_2x(canvas[b, c].reshape(2, 3))
+            expected = bilinear(canvas[b, c].reshape(2, 3), (4, 6))
             np.testing.assert_allclose(ours[b, :, :, c], expected, atol=1e-5)
 
 

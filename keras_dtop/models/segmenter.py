@@ -336,16 +336,20 @@ class DToPSegmenter(ImageSegmenter):
             tracker.update_state(counts[:, j + 1] / tokens)
         return super().compute_metrics(x, y, y_pred["scores"], sample_weight)
 
-    def predict_step(self, data):
-        outputs = super().predict_step(data)
-        return outputs["scores"] if isinstance(outputs, dict) else outputs
-
-    def _with_loss_outputs(self, method, *args, **kwargs):
-        previous, self._loss_outputs = self._loss_outputs, True
+    def _with_loss_outputs(self, method, *args, loss_outputs=True, **kwargs):
+        # While True, `call` returns the heads' outputs the loss needs; the
+        # flag is read when fit/evaluate trace their step functions.
+        previous, self._loss_outputs = self._loss_outputs, loss_outputs
         try:
             return method(*args, **kwargs)
         finally:
             self._loss_outputs = previous
+
+    def predict(self, x=None, batch_size=None, **kwargs):
+        # Scores only, also when a callback predicts in the middle of `fit`.
+        return self._with_loss_outputs(
+            super().predict, x=x, batch_size=batch_size, loss_outputs=False, **kwargs
+        )
 
     def fit(self, x=None, y=None, validation_data=None, **kwargs):
         """`keras.Model.fit` on images `(batch, H, W, 3)` and int labels `(batch, H, W)`.
