@@ -11,6 +11,7 @@ from keras_hub.models import ImageSegmenter
 from keras_dtop.data.labels import check_labels, check_labels_in_dataset
 from keras_dtop.layers.grading_head import GradingHead
 from keras_dtop.losses import IGNORE_INDEX, DToPLoss
+from keras_dtop.metrics import MeanIoU
 from keras_dtop.layers.pruning import TokenPruner, check_threshold, check_top_k
 from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
 from keras_dtop.models.preprocessor import (
@@ -18,6 +19,13 @@ from keras_dtop.models.preprocessor import (
     DToPImageSegmenterPreprocessor,
 )
 from keras_dtop.optimizers import DToPAdamW
+
+
+def _shuffled_batches(images, labels, batch_size):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(images), np.asarray(labels)))
+    return ds.shuffle(len(images), reshuffle_each_iteration=True).batch(batch_size)
 
 
 @keras.saving.register_keras_serializable(package="keras_dtop")
@@ -298,11 +306,7 @@ class DToPSegmenter(ImageSegmenter):
         if not isinstance(loss, DToPLoss):
             raise TypeError(f"loss must be a keras_dtop.losses.DToPLoss, got {loss!r}.")
         if metrics == "auto":
-            metrics = [
-                keras.metrics.MeanIoU(
-                    self.num_classes, ignore_class=IGNORE_INDEX, sparse_y_pred=False, name="miou"
-                )
-            ]
+            metrics = [MeanIoU(self.num_classes, ignore_index=IGNORE_INDEX, name="miou")]
         self.dtop_loss = loss
         stages = len(self.stage_ends)
         self.stage_loss_trackers = [
@@ -363,6 +367,10 @@ class DToPSegmenter(ImageSegmenter):
             self._check_training_data(*validation_data[:2])
         elif validation_data is not None:
             self._check_training_data(validation_data, None)
+        if y is not None and kwargs.get("shuffle", True) and not kwargs.get("validation_split"):
+            # keras-hub batches arrays in order; shuffle them each epoch as
+            # `keras.Model.fit(shuffle=True)` promises.
+            x, y = _shuffled_batches(x, y, kwargs.pop("batch_size", None) or 32), None
         return self._with_loss_outputs(
             super().fit, x=x, y=y, validation_data=validation_data, **kwargs
         )
