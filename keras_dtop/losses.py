@@ -15,7 +15,7 @@ code) unless `exclude_ignored_pixels=True`.
 import keras
 from keras import ops
 
-IGNORE_INDEX = 255
+from keras_dtop.data.labels import IGNORE_INDEX
 
 
 def present_classes(labels, num_classes):

@@ -8,7 +8,7 @@ the PyTorch backend runs as a Python loop over pixels (seconds per batch);
 import keras
 from keras import ops
 
-IGNORE_INDEX = 255
+from keras_dtop.data.labels import IGNORE_INDEX
 
 
 @keras.saving.register_keras_serializable(package="keras_dtop")

@@ -9,8 +9,9 @@ given seed.
 
 import numpy as np
 
+from keras_dtop.data.labels import IGNORE_INDEX
+
 CLASS_NAMES = ("background", "stripes", "checker", "speckle", "dots", "haze")
-IGNORE_INDEX = 255
 
 
 def _texture(class_id, rng, height, width):

@@ -5,12 +5,13 @@ boolean mask: it works the same on every backend, inside `jit`, and in a
 TFLite graph (no select/where over the attention matrix).
 """
 
+import keras
 from keras import ops
 
 
 def mask_value(dtype):
     """A large negative number that still fits `dtype` (float16 overflows at 65504)."""
-    return -3.0e4 if str(dtype) == "float16" else -1.0e9
+    return -3.0e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1.0e9
 
 
 def key_bias(keep_mask, dtype):

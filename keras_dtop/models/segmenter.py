@@ -335,7 +335,8 @@ class DToPSegmenter(ImageSegmenter):
         for tracker, value in zip(self.stage_loss_trackers, self._stage_losses(y, y_pred)):
             tracker.update_state(ops.stop_gradient(value))
         counts = ops.cast(y_pred["alive_counts"], "float32")
-        tokens = ops.cast(ops.shape(y_pred["exit_stage"])[1] * ops.shape(y_pred["exit_stage"])[2], "float32")
+        grid = ops.shape(y_pred["exit_stage"])
+        tokens = ops.cast(grid[1] * grid[2], "float32")
         for j, tracker in enumerate(self.alive_trackers):
             tracker.update_state(counts[:, j + 1] / tokens)
         return super().compute_metrics(x, y, y_pred["scores"], sample_weight)
