@@ -31,3 +31,27 @@ def test_mean_iou_by_hand_and_reset():
     assert float(to_numpy(metric.result())) == 0.0
     restored = MeanIoU.from_config(metric.get_config())
     assert restored.num_classes == 3
+
+
+def test_mean_iou_inside_a_compiled_step():
+    """The metric must trace under tf.function / jax.jit (static shapes only)."""
+    backend = keras.config.backend()
+    metric = MeanIoU(3)
+    labels = np.array([[[0, 0, 1, 255]]])
+    scores = np.eye(3, dtype="float32")[np.array([[[0, 1, 1, 2]]])]
+    if backend == "jax":
+        import jax
+
+        variables = [v.value for v in metric.variables]
+        update = jax.jit(lambda vs, y, p: metric.stateless_update_state(vs, y, p))
+        variables = update(variables, labels, scores)
+        result = metric.stateless_result(variables)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.function(metric.update_state)(labels, scores)
+        result = metric.result()
+    else:
+        metric.update_state(labels, scores)
+        result = metric.result()
+    np.testing.assert_allclose(to_numpy(result), 0.5)

@@ -372,6 +372,7 @@ class DToPSegmenter(ImageSegmenter):
             # keras-hub batches arrays in order; shuffle them each epoch as
             # `keras.Model.fit(shuffle=True)` promises.
             x, y = _shuffled_batches(x, y, kwargs.pop("batch_size", None) or 32), None
+            kwargs["shuffle"] = False  # done above; Keras would warn it cannot shuffle a dataset
         return self._with_loss_outputs(
             super().fit, x=x, y=y, validation_data=validation_data, **kwargs
         )
