@@ -12,7 +12,7 @@ from keras_dtop.data.labels import check_labels, check_labels_in_dataset
 from keras_dtop.layers.grading_head import GradingHead
 from keras_dtop.losses import IGNORE_INDEX, DToPLoss
 from keras_dtop.metrics import MeanIoU
-from keras_dtop.layers.pruning import TokenPruner, check_threshold, check_top_k
+from keras_dtop.layers.pruning import TokenPruner
 from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
 from keras_dtop.models.preprocessor import (
     DToPImageConverter,
@@ -149,7 +149,7 @@ class DToPSegmenter(ImageSegmenter):
 
     @prune_threshold.setter
     def prune_threshold(self, value):
-        self.pruner.prune_threshold = check_threshold(value)
+        self.pruner.prune_threshold = value  # validated by TokenPruner
         self._reset_compiled_functions()
 
     @property
@@ -159,7 +159,7 @@ class DToPSegmenter(ImageSegmenter):
 
     @keep_top_k.setter
     def keep_top_k(self, value):
-        self.pruner.keep_top_k = check_top_k(value)
+        self.pruner.keep_top_k = value  # validated by TokenPruner
         self._reset_compiled_functions()
 
     @property
