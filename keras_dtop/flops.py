@@ -7,17 +7,25 @@ activations, adds, position embeddings, the grading rule.
 """
 
 import numpy as np
+from keras import ops
+
+
+def _as_float(x):
+    # NumPy float64 for host values; float32 backend tensors inside a step.
+    if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
+        return np.asarray(x, dtype=np.float64)
+    return ops.cast(x, "float32")
 
 
 def vit_layer_flops(tokens, dim, mlp_ratio=4.0):
     """qkv 3nD², proj nD², MLP 2r·nD², QKᵀ and AV 2n²D, two LayerNorms 10nD."""
-    n = np.asarray(tokens, dtype=np.float64)
+    n = _as_float(tokens)
     return (4 + 2 * mlp_ratio) * n * dim**2 + 2 * n**2 * dim + 10 * n * dim
 
 
 def grading_head_flops(tokens, dim, head_dim, num_classes, num_layers=3, mlp_ratio=4.0):
     """Input projection + LN, `num_layers` decoder layers, presence classifier."""
-    n = np.asarray(tokens, dtype=np.float64)
+    n = _as_float(tokens)
     c, d = num_classes, head_dim
     projection = n * dim * d + 5 * n * d
     decoder = (6 + 2 * mlp_ratio) * c * d**2 + 2 * n * d**2 + 2 * c * n * d + 15 * c * d
@@ -44,12 +52,16 @@ def dtop_flops(
     the blocks of stage j process as many tokens as head j sees. With
     `include_auxiliary_heads=False` the count is the README-comparable one
     (backbone + final head); True adds the auxiliary heads a pruned model runs.
-    Returns float64 `(batch,)`.
+    Returns `(batch,)`: float64 NumPy for host inputs, float32 for backend
+    tensors (so that `evaluate` can log it from inside a compiled step).
     """
-    counts = np.asarray(alive_counts, dtype=np.float64).reshape(-1, len(stage_ends))
+    counts = _as_float(alive_counts)
+    counts = counts.reshape(-1, len(stage_ends)) if isinstance(counts, np.ndarray) else (
+        ops.reshape(counts, (-1, len(stage_ends)))
+    )
     height, width = image_size
     tokens = (height // patch_size) * (width // patch_size)
-    total = np.full(counts.shape[0], 3.0 * patch_size**2 * hidden_dim * tokens)
+    total = counts[:, 0] * 0.0 + 3.0 * patch_size**2 * hidden_dim * tokens
     first = 0
     for stage, last in enumerate(stage_ends):
         total += (last - first + 1) * vit_layer_flops(counts[:, stage], hidden_dim, mlp_ratio)

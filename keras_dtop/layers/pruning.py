@@ -72,13 +72,8 @@ def select_exits(scores, alive, threshold, keep_top_k):
     if k > 0:
         classes = ops.arange(num_classes, dtype="int32")[None, :, None]
         in_class = (label[:, None, :] == classes) & candidate[:, None, :]  # (B, C, N)
-        ranked = ops.where(in_class, confidence[:, None, :], -1.0)
-        kth = ops.top_k(ranked, k, sorted=True)[0][..., -1:]  # (B, C, 1); -1 if < k candidates
-        above = ranked > kth
-        at_kth = in_class & (ranked == kth)
-        quota = k - ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
-        first_at_kth = at_kth & (ops.cumsum(ops.cast(at_kth, "int32"), axis=-1) <= quota)
-        context = ops.any(above | first_at_kth, axis=1)
+        ranked = ops.broadcast_to(confidence[:, None, :], ops.shape(in_class))
+        context = ops.any(top_k_mask(ranked, k, in_class), axis=1)
         exits = candidate & ~context
     else:
         exits = candidate
@@ -91,6 +86,21 @@ def select_exits(scores, alive, threshold, keep_top_k):
     best_index = _first_index_where(alive_confidence == best, axis=-1)
     is_best = ops.arange(num_tokens, dtype="int32")[None, :] == best_index[:, None]
     return exits & ~(emptied & is_best)
+
+
+def top_k_mask(values, k, eligible):
+    """Bool mask of the `k` largest eligible `values` along the last axis.
+
+    min(k, eligible count) entries are True; ties at the k-th value go to the
+    lowest indices. values `(..., n)`, eligible bool `(..., n)`, k a Python
+    int in [1, n].
+    """
+    ranked = ops.where(eligible, ops.cast(values, "float32"), -float("inf"))
+    kth = ops.top_k(ranked, k, sorted=True)[0][..., -1:]
+    above = eligible & (ranked > kth)
+    at_kth = eligible & (ranked == kth)
+    quota = k - ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
+    return above | (at_kth & (ops.cumsum(ops.cast(at_kth, "int32"), axis=-1) <= quota))
 
 
 @keras.saving.register_keras_serializable(package="keras_dtop")
@@ -106,6 +116,7 @@ class TokenPruner(keras.layers.Layer):
         canvas: `(batch, classes, tokens)` or None before the first head.
         alive: bool `(batch, tokens)`, tokens the head saw.
         prune: whether to apply the rule (False for the final head).
+        stage: index of the head (unused by the rule; for subclasses).
 
     Returns `(canvas, scores, exits)`: the new canvas, this head's score map
     `(batch, classes, tokens)` over the canvas, and the bool exits
@@ -133,7 +144,7 @@ class TokenPruner(keras.layers.Layer):
     def keep_top_k(self, value):
         self._keep_top_k = check_top_k(value)
 
-    def call(self, presence_logits, mask_logits, canvas, alive, prune=True):
+    def call(self, presence_logits, mask_logits, canvas, alive, prune=True, stage=None):
         canvas = update_canvas(canvas, mask_logits, alive)
         scores = token_scores(presence_logits, canvas)
         if prune and self.prune_threshold < 1.0:

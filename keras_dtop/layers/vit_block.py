@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dtop.layers.attention import attend, attention_logits, key_bias
+from keras_dtop.layers.token_layout import gather_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_dtop")
@@ -123,11 +124,36 @@ class DToPEncoderBlock(keras.layers.Layer):
         h = attend(logits, value, bias, self.attention_dropout_layer, training)
         h = self.dropout(self.output_dense(h), training=training)
         x = x + self.drop_path(h, training=training)
-        h = self.mlp_dense_2(self.dropout(self.mlp_dense_1(self.layer_norm_2(x)), training=training))
-        x = x + self.drop_path(self.dropout(h, training=training), training=training)
+        x = self._mlp_residual(x, training)
         if keep_mask is not None:
             x = ops.where(keep_mask[:, :, None], x, ops.zeros_like(x))
         return x
+
+    def call_packed(self, x, slot_row, row_slot, bias):
+        """Inference on packed rows: per-token layers on all rows, attention per image.
+
+        x: `(1, rows, hidden_dim)`, the alive tokens of a batch back to back
+        (see `keras_dtop.layers.token_layout.packed_layout`); slot_row
+        `(batch, slots)` and row_slot `(rows,)` move rows to padded slots and
+        back; bias `(batch, 1, 1, slots)` masks padding slots out as keys.
+        Returns `(1, rows, hidden_dim)`; padding rows hold unused values.
+        """
+        h = self.layer_norm_1(x)
+
+        def to_slots(projected):  # (1, rows, heads, head_dim) -> (batch, slots, heads, head_dim)
+            return gather_rows(projected[0], slot_row)
+
+        query = to_slots(self.query_dense(h))
+        key = to_slots(self.key_dense(h))
+        value = to_slots(self.value_dense(h))
+        h = attend(attention_logits(query, key, self.head_dim**-0.5), value, bias)
+        h = ops.reshape(h, (-1, self.num_heads, self.head_dim))
+        x = x + self.output_dense(gather_rows(h, row_slot)[None])
+        return self._mlp_residual(x, training=False)
+
+    def _mlp_residual(self, x, training):
+        h = self.mlp_dense_2(self.dropout(self.mlp_dense_1(self.layer_norm_2(x)), training=training))
+        return x + self.drop_path(self.dropout(h, training=training), training=training)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -1,6 +1,7 @@
 """DToPSegmenter: staged ViT segmentation with dynamic token pruning."""
 
 import inspect
+import math
 import numbers
 
 import keras
@@ -9,6 +10,7 @@ from keras import ops
 from keras_hub.models import ImageSegmenter
 
 from keras_dtop.data.labels import check_labels, check_labels_in_dataset
+from keras_dtop.flops import segmenter_flops
 from keras_dtop.layers.grading_head import GradingHead
 from keras_dtop.losses import IGNORE_INDEX, DToPLoss
 from keras_dtop.metrics import MeanIoU
@@ -18,7 +20,42 @@ from keras_dtop.models.preprocessor import (
     DToPImageConverter,
     DToPImageSegmenterPreprocessor,
 )
+from keras_dtop.models.execution import forward_compact, compact_stage
+from keras_dtop.models.stage_compiler import compile_stage_function
 from keras_dtop.optimizers import DToPAdamW
+
+PRUNING_MODES = ("auto", "gathered", "masked", "capacity")
+
+
+class _StageProgramCache:
+    # Plain holder so that Keras/TF trackers ignore the compiled program.
+    program = None
+
+
+def check_stage_capacity(value, num_pruning_heads):
+    """None, or one int >= 1 / float in (0, 1] per pruning head."""
+    if value is None:
+        return None
+    if isinstance(value, (numbers.Real,)) and not isinstance(value, bool):
+        value = [value] * num_pruning_heads
+    value = list(value)
+    if len(value) != num_pruning_heads:
+        raise ValueError(
+            f"stage_capacity needs one entry per pruning head ({num_pruning_heads}), got {value}."
+        )
+    checked = []
+    for c in value:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            raise TypeError(f"stage_capacity entries must be ints or floats, got {c!r}.")
+        if isinstance(c, numbers.Integral):
+            if c < 1:
+                raise ValueError(f"stage_capacity ints must be >= 1 token, got {c}.")
+            checked.append(int(c))
+        elif not 0.0 < c <= 1.0:
+            raise ValueError(f"stage_capacity floats are fractions in (0, 1], got {c}.")
+        else:
+            checked.append(float(c))
+    return tuple(checked)
 
 
 def _shuffled_batches(images, labels, batch_size):
@@ -64,6 +101,19 @@ class DToPSegmenter(ImageSegmenter):
         head_hidden_dim, head_num_heads, head_num_layers, head_mlp_ratio,
             head_dropout, head_layer_norm_epsilon: grading head settings, the
             same for every stage.
+        pruning_enabled: False runs densely whatever p0 is.
+        pruning_mode: how inference executes (training always runs masked):
+            "auto"/"gathered" runs each stage on its alive tokens only, with
+            capacities read from the alive counts between stages; "masked" is
+            the static-shape reference (no saving); "capacity" uses the fixed
+            `stage_capacity` (one static program, for jit and export).
+        stage_capacity: for "capacity": tokens each stage after the first may
+            hold, one entry per pruning head (an int, or a float in (0, 1] as
+            a fraction of the tokens). Extra alive tokens are forced to exit
+            (counted in the details' `forced_exits`; eager calls warn).
+        token_bucket: "gathered" capacities are rounded up to a multiple of
+            it, so that a jit compiles few programs. None: 1 on TensorFlow and
+            PyTorch (dynamic shapes), tokens/16 on JAX.
         preprocessor: a `DToPImageSegmenterPreprocessor` or None.
         compile: compile with keras-hub's `ImageSegmenter` defaults. Off by
             default: those defaults (cross-entropy on the score map) are not
@@ -87,6 +137,9 @@ class DToPSegmenter(ImageSegmenter):
         head_dropout=0.1,
         head_layer_norm_epsilon=1e-5,
         pruning_enabled=True,
+        pruning_mode="auto",
+        stage_capacity=None,
+        token_bucket=None,
         preprocessor=None,
         compile=False,
         **kwargs,
@@ -134,6 +187,10 @@ class DToPSegmenter(ImageSegmenter):
         self.head_dropout = float(head_dropout)
         self.head_layer_norm_epsilon = float(head_layer_norm_epsilon)
         self._pruning_enabled = bool(pruning_enabled)
+        self._stage_cache = _StageProgramCache()
+        self.pruning_mode = pruning_mode
+        self.stage_capacity = stage_capacity
+        self.token_bucket = token_bucket
         self._loss_outputs = False  # True inside fit/evaluate: call returns what the loss needs
         self.dtop_loss = DToPLoss()
         self.built = True
@@ -173,6 +230,73 @@ class DToPSegmenter(ImageSegmenter):
         self._reset_compiled_functions()
 
     @property
+    def pruning_mode(self):
+        """"auto" (= "gathered" at inference), "gathered", "masked" or "capacity"."""
+        return self._pruning_mode
+
+    @pruning_mode.setter
+    def pruning_mode(self, value):
+        if value not in PRUNING_MODES:
+            raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {value!r}.")
+        self._pruning_mode = value
+        self._reset_compiled_functions()
+
+    @property
+    def stage_capacity(self):
+        """Per pruning head: tokens (int) or fraction of tokens (float) the next stage holds."""
+        return self._stage_capacity
+
+    @stage_capacity.setter
+    def stage_capacity(self, value):
+        self._stage_capacity = check_stage_capacity(value, len(self.stage_ends) - 1)
+        self._reset_compiled_functions()
+
+    @property
+    def token_bucket(self):
+        """Rounding of "gathered" capacities (None: backend default)."""
+        return self._token_bucket
+
+    @token_bucket.setter
+    def token_bucket(self, value):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
+        ):
+            raise ValueError(f"token_bucket must be None or an int >= 1, got {value!r}.")
+        self._token_bucket = None if value is None else int(value)
+        self._reset_compiled_functions()
+
+    def resolved_token_bucket(self, num_tokens):
+        if self._token_bucket is not None:
+            return self._token_bucket
+        return max(1, num_tokens // 16) if keras.backend.backend() == "jax" else 1
+
+    def stage_token_capacities(self, num_tokens):
+        """Capacity mode: slots of every stage after the first, as ints in [1, tokens]."""
+        if self._stage_capacity is None:
+            raise ValueError(
+                "pruning_mode='capacity' needs stage_capacity: one int (tokens) or float "
+                f"(fraction of tokens) per pruning head ({len(self.stage_ends) - 1})."
+            )
+        return [
+            min(num_tokens, max(1, math.ceil(c * num_tokens) if isinstance(c, float) else c))
+            for c in self._stage_capacity
+        ]
+
+    def inference_mode(self, training=False):
+        """The execution a call with this `training` flag uses: "masked", "gathered" or "capacity"."""
+        if training or not self.prunes or self._pruning_mode == "masked":
+            return "masked"
+        return "capacity" if self._pruning_mode == "capacity" else "gathered"
+
+    def stage_program(self):
+        """This backend's compiled `compact_stage` (built on first use)."""
+        if self._stage_cache.program is None:
+            self._stage_cache.program = compile_stage_function(
+                lambda *args: compact_stage(self, *args), self
+            )
+        return self._stage_cache.program
+
+    @property
     def prunes(self):
         """Whether the auxiliary heads make exit decisions."""
         return self._pruning_enabled and self.prune_threshold < 1.0 and len(self.stage_ends) > 1
@@ -183,13 +307,19 @@ class DToPSegmenter(ImageSegmenter):
         self.train_function = None
         self.test_function = None
         self.predict_function = None
+        if hasattr(self, "_stage_cache"):
+            self._stage_cache.program = None
 
     # --- Forward ---
 
     def call(self, images, training=None, return_details=None):
         if return_details is None:
             return_details = self._loss_outputs
-        outputs = self.forward_stages(images, training=training, return_details=return_details)
+        mode = self.inference_mode(training)
+        if mode == "masked":
+            outputs = self.forward_stages(images, training=training, return_details=return_details)
+        else:
+            outputs = forward_compact(self, self._check_images(images), return_details, mode)
         return outputs if return_details else outputs["scores"]
 
     def forward_stages(self, images, training=None, return_details=True):
@@ -232,7 +362,7 @@ class DToPSegmenter(ImageSegmenter):
                 x, keep_mask=keep_mask, training=training
             )
             canvas, scores, exits = self.pruner(
-                presence_logits, mask_logits, canvas, alive, prune=prune
+                presence_logits, mask_logits, canvas, alive, prune=prune, stage=stage
             )
             heads.append(
                 {
@@ -248,18 +378,33 @@ class DToPSegmenter(ImageSegmenter):
                 alive = alive & ~exits
                 keep_mask = alive
 
-        token_map = ops.transpose(heads[-1]["token_scores"], (0, 2, 1))
-        token_map = ops.reshape(token_map, (batch, grid_h, grid_w, self.num_classes))
-        scores = ops.image.resize(
-            token_map, (shape[1], shape[2]), interpolation="bilinear", antialias=False
+        scores = self.score_map(heads[-1]["token_scores"], (shape[1], shape[2]))
+        forced = ops.zeros((batch, len(heads)), dtype="int32")
+        return self.assemble_outputs(
+            scores, heads, exit_stage, (shape[1], shape[2]), return_details, forced
         )
+
+    def score_map(self, token_scores, image_size):
+        """`(batch, classes, tokens)` -> bilinear `(batch, H, W, classes)` scores."""
+        height, width = image_size
+        patch = self.backbone.patch_size
+        batch = ops.shape(token_scores)[0]
+        token_map = ops.transpose(token_scores, (0, 2, 1))
+        token_map = ops.reshape(token_map, (batch, height // patch, width // patch, self.num_classes))
+        return ops.image.resize(token_map, (height, width), interpolation="bilinear", antialias=False)
+
+    def assemble_outputs(self, scores, heads, exit_stage, image_size, return_details, forced):
+        """The dict every execution mode returns (see `forward_stages`)."""
         outputs = {"scores": scores, "token_scores": heads[-1]["token_scores"]}
         if return_details:
+            patch = self.backbone.patch_size
+            grid = (-1, image_size[0] // patch, image_size[1] // patch)
             outputs["heads"] = heads
-            outputs["exit_stage"] = ops.reshape(exit_stage, (batch, grid_h, grid_w))
+            outputs["exit_stage"] = ops.reshape(exit_stage, grid)
             outputs["alive_counts"] = ops.stack(
                 [ops.sum(ops.cast(h["alive"], "int32"), axis=-1) for h in heads], axis=1
             )
+            outputs["forced_exits"] = forced
         return outputs
 
     def _check_images(self, images):
@@ -274,7 +419,9 @@ class DToPSegmenter(ImageSegmenter):
         """Run the preprocessor and the model on `images`, return NumPy details.
 
         images: `(count, H, W, 3)` raw RGB pixels (what `predict` takes). Returns
-        the dict of `forward_stages` as NumPy arrays, batches concatenated.
+        the dict of `forward_stages` as NumPy arrays, batches concatenated, plus
+        `gflops` `(count,)` (backbone + final head, the papers' count) and
+        `gflops_with_auxiliary_heads` (what the pruned model really runs).
         """
         images = np.asarray(images)
         chunks = []
@@ -284,7 +431,13 @@ class DToPSegmenter(ImageSegmenter):
                 batch = self.preprocessor(batch)
             outputs = self(batch, training=False, return_details=True)
             chunks.append(keras.tree.map_structure(ops.convert_to_numpy, outputs))
-        return keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
+        details = keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
+        image_size = details["scores"].shape[1:3]
+        # Without pruning the auxiliary heads only run here, for the details.
+        for key, auxiliary in (("gflops", False), ("gflops_with_auxiliary_heads", self.prunes)):
+            flops = segmenter_flops(self, details["alive_counts"], image_size, auxiliary)
+            details[key] = flops / 1e9
+        return details
 
     # --- Training: compile, the loss and the logged metrics ---
 
@@ -296,8 +449,10 @@ class DToPSegmenter(ImageSegmenter):
             adds the warm-up + poly schedule. Any Keras optimizer works.
         loss: "auto"/None is `DToPLoss()`; pass a `DToPLoss` to change its options.
         metrics: "auto" is mean IoU (`miou`, 255 ignored). Per-stage losses
-            (`loss_stage_j`) and the fraction of tokens alive after each
-            pruning stage (`alive_stage_j`) are always logged.
+            (`loss_stage_j`), the fraction of tokens alive after each
+            pruning stage (`alive_stage_j`), GFLOPs per image (`gflops`,
+            backbone + final head, `keras_dtop.flops`) and the FLOP saving
+            against the same model run densely (`flops_saving`) are always logged.
         """
         if optimizer == "auto":
             optimizer = DToPAdamW()
@@ -315,6 +470,8 @@ class DToPSegmenter(ImageSegmenter):
         self.alive_trackers = [
             keras.metrics.Mean(name=f"alive_stage_{j + 1}") for j in range(stages - 1)
         ]
+        self.gflops_tracker = keras.metrics.Mean(name="gflops")
+        self.flops_saving_tracker = keras.metrics.Mean(name="flops_saving")
         keras.Model.compile(self, optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         # Create the optimizer's slots now rather than inside the first traced
         # step (TF traces that step twice when it creates variables).
@@ -339,6 +496,11 @@ class DToPSegmenter(ImageSegmenter):
         tokens = ops.cast(grid[1] * grid[2], "float32")
         for j, tracker in enumerate(self.alive_trackers):
             tracker.update_state(counts[:, j + 1] / tokens)
+        image_size = tuple(ops.shape(y_pred["scores"])[1:3])
+        flops = segmenter_flops(self, counts, image_size)
+        dense = segmenter_flops(self, [[grid[1] * grid[2]] * len(self.stage_ends)], image_size)[0]
+        self.gflops_tracker.update_state(flops / 1e9)
+        self.flops_saving_tracker.update_state(1.0 - flops / float(dense))
         return super().compute_metrics(x, y, y_pred["scores"], sample_weight)
 
     def _with_loss_outputs(self, method, *args, loss_outputs=True, **kwargs):
@@ -350,10 +512,37 @@ class DToPSegmenter(ImageSegmenter):
         finally:
             self._loss_outputs = previous
 
+    def _with_eager_steps(self, method, *args, **kwargs):
+        # "gathered" inference reads alive counts on the host between stages,
+        # each stage being its own compiled program: Keras' per-batch step
+        # must then run eagerly on TF and JAX (PyTorch always does).
+        if (
+            self.inference_mode(training=False) != "gathered"
+            or keras.backend.backend() == "torch"
+            or self.run_eagerly
+        ):
+            return method(*args, **kwargs)
+        self.run_eagerly = True
+        self.predict_function = self.test_function = None
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.run_eagerly = False
+            self.predict_function = self.test_function = None
+
     def predict(self, x=None, batch_size=None, **kwargs):
+        """Per-pixel class scores `(count, H, W, classes)` for raw images.
+
+        Uses the pruned execution (`pruning_mode`, "gathered" by default).
+        """
         # Scores only, also when a callback predicts in the middle of `fit`.
-        return self._with_loss_outputs(
-            super().predict, x=x, batch_size=batch_size, loss_outputs=False, **kwargs
+        return self._with_eager_steps(
+            self._with_loss_outputs,
+            super().predict,
+            x=x,
+            batch_size=batch_size,
+            loss_outputs=False,
+            **kwargs,
         )
 
     def fit(self, x=None, y=None, validation_data=None, **kwargs):
@@ -380,7 +569,9 @@ class DToPSegmenter(ImageSegmenter):
     def evaluate(self, x=None, y=None, **kwargs):
         if not kwargs.get("_use_cached_eval_dataset", False):
             self._check_training_data(x, y, kwargs.get("sample_weight"))
-        return self._with_loss_outputs(super().evaluate, x=x, y=y, **kwargs)
+        return self._with_eager_steps(
+            self._with_loss_outputs, super().evaluate, x=x, y=y, **kwargs
+        )
 
     def train_on_batch(self, x, y=None, **kwargs):
         self._check_training_data(x, y, kwargs.get("sample_weight"))
@@ -424,6 +615,9 @@ class DToPSegmenter(ImageSegmenter):
             head_dropout=self.head_dropout,
             head_layer_norm_epsilon=self.head_layer_norm_epsilon,
             pruning_enabled=self.pruning_enabled,
+            pruning_mode=self.pruning_mode,
+            stage_capacity=self.stage_capacity,
+            token_bucket=self.token_bucket,
         )
         return config
 
