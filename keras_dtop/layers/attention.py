@@ -37,9 +37,13 @@ def attend(logits, value, bias=None, dropout=None, training=None):
     logits: `(batch, heads, queries, keys)`; value: `(batch, keys, heads, head_dim)`.
     Returns `(batch, queries, heads, head_dim)`.
     """
-    if bias is not None:
-        logits = logits + bias
-    weights = ops.softmax(logits, axis=-1)
+    if logits.shape[-1] == 1:
+        # One key (a stage left with a single token): the softmax is exactly 1.
+        weights = ops.ones_like(logits)
+    else:
+        if bias is not None:
+            logits = logits + bias
+        weights = ops.softmax(logits, axis=-1)
     if dropout is not None:
         weights = dropout(weights, training=training)
     return ops.einsum("bhqk,bkhd->bqhd", weights, value)

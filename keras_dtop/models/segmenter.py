@@ -545,6 +545,11 @@ class DToPSegmenter(ImageSegmenter):
             **kwargs,
         )
 
+    def predict_on_batch(self, x):
+        return self._with_eager_steps(
+            self._with_loss_outputs, super().predict_on_batch, x, loss_outputs=False
+        )
+
     def fit(self, x=None, y=None, validation_data=None, **kwargs):
         """`keras.Model.fit` on images `(batch, H, W, 3)` and int labels `(batch, H, W)`.
 
@@ -579,7 +584,9 @@ class DToPSegmenter(ImageSegmenter):
 
     def test_on_batch(self, x, y=None, **kwargs):
         self._check_training_data(x, y, kwargs.get("sample_weight"))
-        return self._with_loss_outputs(super().test_on_batch, x, y, **kwargs)
+        return self._with_eager_steps(
+            self._with_loss_outputs, super().test_on_batch, x, y, **kwargs
+        )
 
     def _check_training_data(self, x, y, sample_weight=None):
         if sample_weight is not None:

@@ -1,0 +1,239 @@
+"""Pruned inference (gathered and capacity modes) against the masked reference."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import random_images, tiny_backbone, tiny_segmenter, to_numpy
+
+from keras_dtop.flops import segmenter_flops
+from keras_dtop.layers.planned_exits import plan_exits
+from keras_dtop.layers.token_layout import gather_rows, packed_layout, padded_layout
+from keras_dtop.models.execution import choose_layout
+
+# Image 0 keeps everything, image 1 a single token, the others in between.
+MIXED_PLAN = [[1.0, 1.0], [0.01, 0.01], [0.5, 0.3], [0.9, 0.2]]
+
+
+def _alive(seed=0, batch=3, tokens=10):
+    alive = np.random.default_rng(seed).random((batch, tokens)) < 0.5
+    alive[0] = True
+    alive[1] = False
+    alive[1, 7] = True
+    return alive
+
+
+def test_padded_layout_puts_alive_tokens_first_in_order():
+    alive = _alive()
+    slots = int(alive.sum(1).max())
+    index = to_numpy(padded_layout(alive, slots))
+    tokens = alive.shape[1]
+    for b in range(len(alive)):
+        kept = np.flatnonzero(alive[b])
+        np.testing.assert_array_equal(index["slot_token"][b, : len(kept)], kept + b * tokens)
+        np.testing.assert_array_equal(index["slot_valid"][b], np.arange(slots) < len(kept))
+        np.testing.assert_array_equal(index["token_slot"][b, kept], b * slots + np.arange(len(kept)))
+
+
+def test_packed_layout_round_trips_every_alive_token():
+    alive = _alive(seed=3)
+    batch, tokens = alive.shape
+    total, slots = int(alive.sum()), int(alive.sum(1).max())
+    x = np.arange(batch * tokens * 2, dtype="float32").reshape(batch * tokens, 2)
+    index = packed_layout(alive, total + 3, slots)  # 3 padding rows
+    rows = gather_rows(x, index["row_token"])
+    back = to_numpy(gather_rows(rows, index["token_row"]))
+    flat_alive = alive.reshape(-1)
+    np.testing.assert_array_equal(back.reshape(-1, 2)[flat_alive], x[flat_alive])
+    # Rows -> padded slots -> rows is the identity on real rows.
+    slotted = gather_rows(rows, index["slot_row"])
+    again = to_numpy(gather_rows(keras.ops.reshape(slotted, (-1, 2)), index["row_slot"]))
+    np.testing.assert_array_equal(again[:total], to_numpy(rows)[:total])
+    np.testing.assert_array_equal(to_numpy(rows)[:total], x[flat_alive])
+
+
+@pytest.mark.parametrize("bucket", [1, 4, 16, 64])
+def test_bucketed_capacities_never_drop_a_kept_token(bucket):
+    rng = np.random.default_rng(bucket)
+    for _ in range(200):
+        batch = int(rng.integers(1, 9))
+        counts = rng.integers(1, 257, size=batch)
+        layout, sizes = choose_layout(counts, 256, bucket)
+        if layout == "dense":
+            assert counts.min() == 256
+            continue
+        slots = sizes[0]
+        assert counts.max() <= slots <= 256
+        assert slots % bucket == 0 or slots == 256
+        if layout == "packed":
+            assert counts.sum() <= sizes[1] <= batch * 256
+    assert choose_layout([256, 256], 256) == ("dense", ())
+    assert choose_layout([200], 256, 64) == ("padded", (256,))
+    assert choose_layout([250, 10, 10, 10], 256)[0] == "packed"
+    assert choose_layout([100, 98], 256)[0] == "padded"
+
+
+def _mixed_model(image_size=(96, 96)):
+    model = tiny_segmenter(tiny_backbone(image_size=image_size), prune_threshold=0.5)
+    plan_exits(model, MIXED_PLAN)
+    return model
+
+
+def _run(model, images, mode, **settings):
+    model.pruning_mode = mode
+    for name, value in settings.items():
+        setattr(model, name, value)
+    return to_numpy(model(images, training=False, return_details=True))
+
+
+def _assert_same_result(got, want):
+    np.testing.assert_array_equal(got["exit_stage"], want["exit_stage"])
+    np.testing.assert_array_equal(got["alive_counts"], want["alive_counts"])
+    np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-4)
+    for head, ref in zip(got["heads"], want["heads"]):
+        np.testing.assert_allclose(head["canvas"], ref["canvas"], atol=1e-4)
+        np.testing.assert_allclose(head["presence_logits"], ref["presence_logits"], atol=1e-4)
+    # Label maps identical, except where two classes tie to float rounding.
+    top2 = np.sort(want["scores"], axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > 1e-5
+    np.testing.assert_array_equal(
+        got["scores"].argmax(-1)[decided], want["scores"].argmax(-1)[decided]
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, settings",
+    [
+        ("gathered", {}),  # exact capacities: packed layout for this spread
+        ("gathered", {"token_bucket": 8}),  # rounded capacities, padding rows and slots
+        ("capacity", {"stage_capacity": 1.0}),
+    ],
+)
+def test_pruned_modes_equal_the_masked_reference_on_a_mixed_batch(mode, settings):
+    model = _mixed_model()
+    images = random_images(4, 96, 96, seed=1)
+    want = _run(model, images, "masked")
+    assert want["alive_counts"][:, -1].tolist() == [36, 1, 11, 7]
+    got = _run(model, images, mode, **settings)
+    _assert_same_result(got, want)
+    assert got["forced_exits"].sum() == 0
+
+
+def test_padded_layout_path_at_batch_one_equals_masked():
+    model = _mixed_model()
+    images = random_images(1, 96, 96, seed=2)
+    plan_exits(model, [[0.6, 0.25]])
+    _assert_same_result(_run(model, images, "gathered"), _run(model, images, "masked"))
+
+
+def test_batched_gathered_inference_equals_one_image_at_a_time():
+    # The real grading rule, with p0 at the median confidence of the first
+    # head so that images prune differently whatever the random weights.
+    model = tiny_segmenter(tiny_backbone(image_size=(96, 96)), keep_top_k=2)
+    images = random_images(4, 96, 96, seed=5)
+    model.pruning_enabled = False
+    first = to_numpy(model(images, training=False, return_details=True))["heads"][0]
+    model.pruning_enabled = True
+    model.prune_threshold = float(np.median(first["token_scores"].max(axis=1)))
+    batched = _run(model, images, "gathered")
+    assert len(set(batched["alive_counts"][:, -1].tolist())) > 1, "pick a p0 that prunes unevenly"
+    for i in range(len(images)):
+        single = to_numpy(model(images[i : i + 1], training=False, return_details=True))
+        np.testing.assert_array_equal(single["exit_stage"][0], batched["exit_stage"][i])
+        np.testing.assert_allclose(single["scores"][0], batched["scores"][i], atol=1e-4)
+
+
+def test_every_image_pruned_to_one_token_still_runs():
+    model = tiny_segmenter(prune_threshold=0.5)
+    plan_exits(model, [[0.001, 0.001]] * 3)
+    images = random_images(3, seed=4)
+    for mode, settings in (("gathered", {}), ("capacity", {"stage_capacity": 1})):
+        got = _run(model, images, mode, **settings)
+        assert got["alive_counts"].tolist() == [[16, 1, 1]] * 3
+        assert np.isfinite(got["scores"]).all()
+    _assert_same_result(got, _run(model, images, "masked"))
+
+
+def test_capacity_overflow_forces_exits_reports_and_warns():
+    model = _mixed_model()
+    images = random_images(4, 96, 96, seed=1)
+    model.pruning_mode = "capacity"
+    model.stage_capacity = (10, 5)
+    with pytest.warns(UserWarning, match="forced to exit"):
+        got = to_numpy(model(images, training=False, return_details=True))
+    planned = np.array([[36, 36, 36], [36, 1, 1], [36, 18, 11], [36, 32, 7]])
+    expected_alive = np.minimum(planned, [[36, 10, 5]])
+    # Capacity applies after the planned exits; a forced exit is final.
+    expected_alive[:, 2] = np.minimum(expected_alive[:, 1], expected_alive[:, 2])
+    np.testing.assert_array_equal(got["alive_counts"], expected_alive)
+    forced = got["forced_exits"]
+    np.testing.assert_array_equal(forced[:, 0], planned[:, 1] - expected_alive[:, 1])
+    assert forced[:, -1].tolist() == [0, 0, 0, 0]
+    assert np.isfinite(got["scores"]).all()
+
+
+def test_predict_and_evaluate_use_the_fast_mode_and_match_masked():
+    model = _mixed_model()
+    model.compile()
+    images = random_images(4, 96, 96, seed=1)
+    labels = np.random.default_rng(0).integers(0, 4, size=(4, 96, 96)).astype("int32")
+    model.pruning_mode = "masked"
+    want = model.predict(images, batch_size=4, verbose=0)
+    want_logs = model.evaluate(images, labels, batch_size=4, verbose=0, return_dict=True)
+    model.pruning_mode = "auto"
+    assert model.inference_mode() == "gathered"
+    got = model.predict(images, batch_size=4, verbose=0)
+    got_logs = model.evaluate(images, labels, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    for key in ("loss", "miou", "gflops", "flops_saving", "alive_stage_2"):
+        np.testing.assert_allclose(got_logs[key], want_logs[key], rtol=1e-4, atol=1e-5)
+    counts = np.array([[36, 36, 36], [36, 1, 1], [36, 18, 11], [36, 32, 7]])
+    flops = segmenter_flops(model, counts, (96, 96))
+    dense = segmenter_flops(model, [[36] * 3], (96, 96))[0]
+    np.testing.assert_allclose(got_logs["gflops"], flops.mean() / 1e9, rtol=1e-5)
+    np.testing.assert_allclose(got_logs["flops_saving"], 1 - flops.mean() / dense, rtol=1e-4)
+    assert got_logs["flops_saving"] > 0.1
+    assert model.run_eagerly is False
+
+
+def test_predict_details_reports_gflops_per_image():
+    model = _mixed_model()
+    details = model.predict_details(random_images(4, 96, 96, seed=1) * 50 + 128, batch_size=4)
+    want = segmenter_flops(model, details["alive_counts"], (96, 96)) / 1e9
+    np.testing.assert_allclose(details["gflops"], want)
+    assert (details["gflops_with_auxiliary_heads"] > details["gflops"]).all()
+    assert details["gflops"][1] < details["gflops"][0]
+
+
+def test_mode_settings_are_validated_and_serialised():
+    model = tiny_segmenter()
+    with pytest.raises(ValueError, match="pruning_mode"):
+        model.pruning_mode = "fast"
+    with pytest.raises(ValueError, match="one entry per pruning head"):
+        model.stage_capacity = (4, 4, 4)
+    with pytest.raises(ValueError, match="fractions"):
+        model.stage_capacity = 1.5
+    with pytest.raises(ValueError, match=">= 1 token"):
+        model.stage_capacity = 0
+    with pytest.raises(ValueError, match="token_bucket"):
+        model.token_bucket = 0
+    model.pruning_mode = "capacity"
+    with pytest.raises(ValueError, match="needs stage_capacity"):
+        model(random_images(1), training=False)
+    model.stage_capacity = (0.5, 4)
+    model.token_bucket = 8
+    config = model.get_config()
+    restored = type(model).from_config(config)
+    assert (restored.pruning_mode, restored.stage_capacity, restored.token_bucket) == (
+        "capacity",
+        (0.5, 4),
+        8,
+    )
+
+
+def test_training_always_runs_masked():
+    model = tiny_segmenter()
+    for mode in ("auto", "gathered", "capacity"):
+        model.pruning_mode = mode
+        assert model.inference_mode(training=True) == "masked"
+    model.pruning_enabled = False
+    assert model.inference_mode() == "masked"  # nothing to prune: plain dense pass
