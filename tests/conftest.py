@@ -94,3 +94,18 @@ def gradient(fn, x):
         fn(x).sum().backward()
         return x.grad.numpy()
     raise NotImplementedError(backend)
+
+
+def traced(fn):
+    """`fn` compiled the way each backend traces a whole program (tf.function,
+    jax.jit, torch.compile is not used: PyTorch runs eagerly)."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn

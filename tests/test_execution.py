@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import random_images, tiny_backbone, tiny_segmenter, to_numpy
+from conftest import random_images, tiny_backbone, tiny_segmenter, to_numpy, traced
 
 from keras_dtop.flops import segmenter_flops
 from keras_dtop.layers.planned_exits import plan_exits
@@ -64,11 +64,14 @@ def test_bucketed_capacities_never_drop_a_kept_token(bucket):
         slots = sizes[0]
         assert counts.max() <= slots <= 256
         assert slots % bucket == 0 or slots == 256
-        if layout == "packed":
+        if layout in ("packed", "ragged"):
             assert counts.sum() <= sizes[1] <= batch * 256
+        if layout == "ragged":
+            assert sizes[2:] == tuple(counts) and bucket == 1
     assert choose_layout([256, 256], 256) == ("dense", ())
     assert choose_layout([200], 256, 64) == ("padded", (256,))
-    assert choose_layout([250, 10, 10, 10], 256)[0] == "packed"
+    assert choose_layout([250, 10, 10, 10], 256, 16) == ("packed", (256, 288))
+    assert choose_layout([250, 10, 10, 10], 256) == ("ragged", (250, 280, 250, 10, 10, 10))
     assert choose_layout([100, 98], 256)[0] == "padded"
 
 
@@ -103,8 +106,8 @@ def _assert_same_result(got, want):
 @pytest.mark.parametrize(
     "mode, settings",
     [
-        ("gathered", {}),  # exact capacities: packed layout for this spread
-        ("gathered", {"token_bucket": 8}),  # rounded capacities, padding rows and slots
+        ("gathered", {}),  # TF, torch: exact capacities, ragged layout; JAX: packed
+        ("gathered", {"token_bucket": 8}),  # packed layout, padding rows and slots
         ("capacity", {"stage_capacity": 1.0}),
     ],
 )
@@ -193,6 +196,20 @@ def test_predict_and_evaluate_use_the_fast_mode_and_match_masked():
     np.testing.assert_allclose(got_logs["flops_saving"], 1 - flops.mean() / dense, rtol=1e-4)
     assert got_logs["flops_saving"] > 0.1
     assert model.run_eagerly is False
+
+
+@pytest.mark.parametrize("mode, settings", [("gathered", {}), ("capacity", {"stage_capacity": 1.0})])
+def test_pruned_modes_inside_a_traced_program(mode, settings):
+    # TF graphs inline the stages with dynamic capacities; a JAX trace cannot
+    # read counts, so "gathered" falls back to the masked path there.
+    model = _mixed_model()
+    images = random_images(4, 96, 96, seed=1)
+    want = _run(model, images, "masked")
+    _run(model, images, mode, **settings)  # sets the mode
+    got = to_numpy(traced(lambda x: model(x, training=False, return_details=True))(images))
+    _assert_same_result(got, want)
+    if mode == "capacity":
+        np.testing.assert_allclose(model.predict(images, verbose=0), want["scores"], atol=1e-4)
 
 
 def test_predict_details_reports_gflops_per_image():

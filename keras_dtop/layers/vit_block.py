@@ -151,6 +151,30 @@ class DToPEncoderBlock(keras.layers.Layer):
         x = x + self.output_dense(gather_rows(h, row_slot)[None])
         return self._mlp_residual(x, training=False)
 
+    def call_ragged(self, x, counts):
+        """Inference on packed rows with exact per-image attention (no padding).
+
+        x: `(1, rows, hidden_dim)`, image b's alive tokens in the contiguous
+        rows `[c_0 + ... + c_(b-1), ... + c_b)`; counts: `(c_0, ..., c_(B-1))`,
+        ints or scalar tensors summing to `rows`. Per-token layers run on all
+        rows at once; attention runs image by image on its own rows, so an
+        image costs what its alive tokens cost. Needs dynamic shapes
+        (TensorFlow graphs, PyTorch); returns `(1, rows, hidden_dim)`.
+        """
+        h = self.layer_norm_1(x)
+        query, key, value = self.query_dense(h), self.key_dense(h), self.value_dense(h)
+        scale = self.head_dim**-0.5
+        outputs, start = [], 0
+        for count in counts:
+            shape = (1, count, self.num_heads, self.head_dim)
+            begin = (0, start, 0, 0)
+            q, k, v = (ops.slice(t, begin, shape) for t in (query, key, value))
+            outputs.append(attend(attention_logits(q, k, scale), v))
+            start = start + count
+        h = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=1)
+        x = x + self.output_dense(h)
+        return self._mlp_residual(x, training=False)
+
     def _mlp_residual(self, x, training):
         h = self.mlp_dense_2(self.dropout(self.mlp_dense_1(self.layer_norm_2(x)), training=training))
         return x + self.drop_path(self.dropout(h, training=training), training=training)

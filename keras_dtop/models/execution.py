@@ -10,7 +10,10 @@ alive tokens only, in one of three layouts (`keras_dtop.layers.token_layout`):
   similar numbers of tokens;
 - "packed" `(rows, dim)` for per-token layers + padded slots for attention:
   used when images keep very different numbers of tokens, so the padding of
-  the "padded" layout would waste work.
+  the "padded" layout would waste work;
+- "ragged": packed rows, and attention image by image on each image's own
+  rows (no padding at all); for exact capacities (TensorFlow and PyTorch,
+  whose programs take dynamic shapes), where JAX's buckets use "packed".
 
 Two ways to size the layouts:
 
@@ -59,8 +62,11 @@ def choose_layout(counts, num_tokens, bucket=1):
 
     counts: int array `(batch,)` of alive tokens; bucket: capacities are
     rounded up to a multiple of it (slots) or of `bucket · ⌈batch/2⌉` (rows),
-    never above the dense size. Returns `(layout, sizes)`: ("dense", ()),
-    ("padded", (slots,)) or ("packed", (slots, rows)). The capacities are
+    never above the dense size. Exact capacities (bucket 1: TensorFlow and
+    PyTorch, whose programs take dynamic shapes) let attention run image by
+    image on the exact counts ("ragged"). Returns `(layout,
+    sizes)`: ("dense", ()), ("padded", (slots,)), ("packed", (slots, rows)) or
+    ("ragged", (slots, rows, count_0, ..., count_B-1)). The capacities are
     never below the counts, so no alive token is dropped.
     """
     counts = np.asarray(counts, dtype=np.int64)
@@ -70,6 +76,8 @@ def choose_layout(counts, num_tokens, bucket=1):
     slots = min(num_tokens, _round_up(max(most, 1), bucket))
     if batch == 1 or batch * slots <= (1 + PACKING_MIN_WASTE) * total:
         return "padded", (slots,)
+    if bucket == 1:
+        return "ragged", (most, total, *(int(c) for c in counts))
     rows = min(batch * num_tokens, _round_up(max(total, 1), bucket * max(1, batch // 2)))
     return "packed", (slots, rows)
 
@@ -137,12 +145,15 @@ def compact_stage(model, static, sizes, *tensors):
         next_x = lambda: ops.reshape(  # noqa: E731
             gather_rows(ops.reshape(x, (-1, dim)), index["token_slot"]), (-1, dim)
         )
-    elif layout == "packed":
+    elif layout in ("packed", "ragged"):
         index = packed_layout(alive, sizes[1], sizes[0])
         x = gather_rows(x_flat, index["row_token"])[None]
         bias = key_bias(index["slot_valid"], x.dtype)
         for block in blocks:
-            x = block.call_packed(x, index["slot_row"], index["row_slot"], bias)
+            if layout == "ragged":
+                x = block.call_ragged(x, sizes[2:])
+            else:
+                x = block.call_packed(x, index["slot_row"], index["row_slot"], bias)
         rows = x[0]
         slotted = gather_rows(rows, index["slot_row"])
         presence_logits, mask_slots = head(slotted, keep_mask=index["slot_valid"], training=False)

@@ -17,6 +17,8 @@ hashable tuple that selects the program (stage, layout, image size), `sizes` a
 tuple of ints (capacities).
 """
 
+import functools
+
 import keras
 
 
@@ -44,11 +46,11 @@ def compile_stage_function(fn, model):
 
         def run(static, sizes, *tensors):
             if static not in programs:
-                # A fresh Python function per program: TF's retracing warning
-                # counts traces per Python function, and each program traces once.
-                programs[static] = tf.function(lambda *a: fn(*a), reduce_retracing=True)
+                # A partial per program: TF's retracing warning counts traces
+                # per Python function (code object for lambdas).
+                programs[static] = tf.function(functools.partial(fn, static), reduce_retracing=True)
             sizes = tuple(tf.constant(int(s), tf.int32) for s in sizes)
-            return programs[static](static, sizes, *tensors)
+            return programs[static](sizes, *tensors)
 
         return run
 
