@@ -68,7 +68,8 @@ def test_bucketed_capacities_never_drop_a_kept_token(bucket):
             assert counts.sum() <= sizes[1] <= batch * 256
         if layout == "ragged":
             assert sizes[2:] == tuple(counts) and bucket == 1
-    assert choose_layout([256, 256], 256) == ("dense", ())
+    assert choose_layout([256, 256], 256) == ("dense", (256, 256))
+    assert choose_layout([256], 256) == ("dense", ())
     assert choose_layout([200], 256, 64) == ("padded", (256,))
     assert choose_layout([250, 10, 10, 10], 256, 16) == ("packed", (256, 288))
     assert choose_layout([250, 10, 10, 10], 256) == ("ragged", (250, 280, 250, 10, 10, 10))
@@ -253,4 +254,4 @@ def test_training_always_runs_masked():
         model.pruning_mode = mode
         assert model.inference_mode(training=True) == "masked"
     model.pruning_enabled = False
-    assert model.inference_mode() == "masked"  # nothing to prune: plain dense pass
+    assert model.inference_mode() == "gathered"  # dense stages, no auxiliary heads

@@ -66,13 +66,14 @@ def choose_layout(counts, num_tokens, bucket=1):
     PyTorch, whose programs take dynamic shapes) let attention run image by
     image on the exact counts ("ragged"). Returns `(layout,
     sizes)`: ("dense", ()), ("padded", (slots,)), ("packed", (slots, rows)) or
-    ("ragged", (slots, rows, count_0, ..., count_B-1)). The capacities are
+    ("ragged", (slots, rows, count_0, ..., count_B-1)); "dense" sizes are the
+    tokens per image (attention image by image) or () at batch 1. The capacities are
     never below the counts, so no alive token is dropped.
     """
     counts = np.asarray(counts, dtype=np.int64)
     batch, most, total = len(counts), int(counts.max()), int(counts.sum())
     if total == batch * num_tokens:
-        return "dense", ()
+        return "dense", (num_tokens,) * batch if batch > 1 else ()
     slots = min(num_tokens, _round_up(max(most, 1), bucket))
     if batch == 1 or batch * slots <= (1 + PACKING_MIN_WASTE) * total:
         return "padded", (slots,)
@@ -103,15 +104,16 @@ def _slots_to_tokens(mask_slots, token_slot, alive):
 def compact_stage(model, static, sizes, *tensors):
     """One stage of pruned inference: blocks, grading head, exit decision.
 
-    static: `(stage, layout, (height, width), next_capacity)`; sizes: the
-    layout's capacities. tensors: `(images,)` for stage 0, else
+    static: `(stage, layout, (height, width), next_capacity, grade)`; sizes:
+    the layout's capacities. grade False skips the grading head (a stage
+    that neither prunes nor reports). tensors: `(images,)` for stage 0, else
     `(x, alive, canvas, exit_stage)` with x `(batch·tokens, dim)` holding
     every alive token's features at its flat index.
     Returns a dict: x, alive (for the next stage), exit_stage, forced_exits
     `(batch,)`, head (this head's outputs, full length), and scores
     `(batch, H, W, classes)` after the last stage.
     """
-    stage, layout, (height, width), next_capacity = static
+    stage, layout, (height, width), next_capacity, grade = static
     backbone = model.backbone
     last = len(model.stage_ends) - 1
     first_layer = 0 if stage == 0 else model.stage_ends[stage - 1] + 1
@@ -131,17 +133,22 @@ def compact_stage(model, static, sizes, *tensors):
     if layout == "dense":
         if stage > 0:
             x = ops.reshape(x_flat, (batch, tokens, dim))
-        for block in blocks:
-            x = block(x, training=False)
-        presence_logits, mask_logits = head(x, training=False)
+        if sizes:  # attention image by image (sizes = tokens per image), rows packed
+            x = ops.reshape(x, (1, -1, dim))
+            for block in blocks:
+                x = block.call_ragged(x, sizes)
+            x = ops.reshape(x, (batch, tokens, dim))
+        else:
+            for block in blocks:
+                x = block(x, training=False)
+        grade_tokens = lambda: head(x, training=False)  # noqa: E731
         next_x = lambda: ops.reshape(x, (-1, dim))  # noqa: E731
     elif layout == "padded":
         index = padded_layout(alive, sizes[0])
         x = gather_rows(x_flat, index["slot_token"])
         for block in blocks:
             x = block(x, keep_mask=index["slot_valid"], training=False)
-        presence_logits, mask_slots = head(x, keep_mask=index["slot_valid"], training=False)
-        mask_logits = _slots_to_tokens(mask_slots, index["token_slot"], alive)
+        slotted = x
         next_x = lambda: ops.reshape(  # noqa: E731
             gather_rows(ops.reshape(x, (-1, dim)), index["token_slot"]), (-1, dim)
         )
@@ -156,12 +163,24 @@ def compact_stage(model, static, sizes, *tensors):
                 x = block.call_packed(x, index["slot_row"], index["row_slot"], bias)
         rows = x[0]
         slotted = gather_rows(rows, index["slot_row"])
-        presence_logits, mask_slots = head(slotted, keep_mask=index["slot_valid"], training=False)
-        mask_logits = _slots_to_tokens(mask_slots, index["token_slot"], alive)
         next_x = lambda: ops.reshape(gather_rows(rows, index["token_row"]), (-1, dim))  # noqa: E731
     else:
         raise ValueError(f"Unknown layout {layout!r}.")
+    if layout != "dense":
 
+        def grade_tokens():
+            presence, mask_slots = head(slotted, keep_mask=index["slot_valid"], training=False)
+            return presence, _slots_to_tokens(mask_slots, index["token_slot"], alive)
+
+    if not grade:
+        return {
+            "x": next_x(),
+            "alive": alive,
+            "exit_stage": exit_stage,
+            "forced_exits": ops.zeros((batch,), dtype="int32"),
+            "head": None,
+        }
+    presence_logits, mask_logits = grade_tokens()
     prune = stage < last and model.prunes
     canvas, scores, exits = model.pruner(
         presence_logits, mask_logits, canvas, alive, prune=prune, stage=stage
@@ -211,9 +230,12 @@ def forward_compact(model, images, return_details, mode):
 
     def static(stage, layout):
         next_capacity = capacities[stage] if capacities and stage < stages - 1 else None
-        return (stage, layout, image_size, next_capacity)
+        grade = stage == stages - 1 or model.prunes or bool(return_details)
+        return (stage, layout, image_size, next_capacity, grade)
 
-    out = run(static(0, "dense"), (), images)
+    batch = shape[0]
+    per_image = () if traced or batch == 1 else (num_tokens,) * batch
+    out = run(static(0, "dense"), per_image, images)
     steps = [out]
     for stage in range(1, stages):
         alive = out["alive"]
@@ -229,12 +251,12 @@ def forward_compact(model, images, return_details, mode):
             sizes,
             out["x"],
             alive,
-            out["head"]["canvas"],
+            out["head"]["canvas"] if out["head"] else None,
             out["exit_stage"],
         )
         steps.append(out)
 
-    forced = ops.stack([step["forced_exits"] for step in steps], axis=1)
+    forced = ops.stack([step["forced_exits"] for step in steps if step["head"] is not None], axis=1)
     if mode == "capacity" and not traced:
         overflow = int(ops.convert_to_numpy(ops.sum(forced)))
         if overflow:
@@ -244,7 +266,7 @@ def forward_compact(model, images, return_details, mode):
                 "stage_capacity to keep the masked model's results.",
                 stacklevel=3,
             )
-    heads = [step["head"] for step in steps]
+    heads = [step["head"] for step in steps if step["head"] is not None]
     return model.assemble_outputs(
         out["scores"], heads, out["exit_stage"], image_size, return_details, forced
     )

@@ -284,9 +284,9 @@ class DToPSegmenter(ImageSegmenter):
 
     def inference_mode(self, training=False):
         """The execution a call with this `training` flag uses: "masked", "gathered" or "capacity"."""
-        if training or not self.prunes or self._pruning_mode == "masked":
+        if training or self._pruning_mode == "masked":
             return "masked"
-        return "capacity" if self._pruning_mode == "capacity" else "gathered"
+        return "capacity" if self._pruning_mode == "capacity" and self.prunes else "gathered"
 
     def stage_program(self):
         """This backend's compiled `compact_stage` (built on first use)."""
