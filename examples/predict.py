@@ -35,10 +35,16 @@ def main():
         args.threshold = float(np.median(first_head.max(axis=1)))
     model.prune_threshold = args.threshold
 
-    scores = model.predict(images, verbose=0)  # preprocessing + masked forward pass
+    scores = model.predict(images, verbose=0)  # preprocessing + pruned ("gathered") inference
     details = model.predict_details(images)
+    model.pruning_mode = "masked"  # the static-shape reference: same result, no saving
+    reference = model.predict(images, verbose=0)
+    model.pruning_mode = "auto"
     print(f"backend {keras.config.backend()}, preset {args.preset}, p0 {model.prune_threshold:.4f}")
     print(f"scores {scores.shape}, label map {np.argmax(scores, -1).shape}")
+    print(f"pruned vs masked inference: max |difference| {np.abs(scores - reference).max():.1e}")
+    print(f"GFLOPs per image: {np.round(details['gflops'], 3)} (auxiliary heads included: "
+          f"{np.round(details['gflops_with_auxiliary_heads'], 3)})")
     tokens = details["exit_stage"][0].size
     for image, counts in enumerate(details["alive_counts"]):
         seen = ", ".join(f"head {j}: {int(c)}/{tokens}" for j, c in enumerate(counts))
