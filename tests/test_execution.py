@@ -8,6 +8,7 @@ from conftest import random_images, tiny_backbone, tiny_segmenter, to_numpy, tra
 from keras_dtop.flops import segmenter_flops
 from keras_dtop.layers.planned_exits import plan_exits
 from keras_dtop.layers.token_layout import gather_rows, packed_layout, padded_layout
+from keras_dtop.models import execution
 from keras_dtop.models.execution import choose_layout
 
 # Image 0 keeps everything, image 1 a single token, the others in between.
@@ -51,13 +52,13 @@ def test_packed_layout_round_trips_every_alive_token():
     np.testing.assert_array_equal(to_numpy(rows)[:total], x[flat_alive])
 
 
-@pytest.mark.parametrize("bucket", [1, 4, 16, 64])
-def test_bucketed_capacities_never_drop_a_kept_token(bucket):
+@pytest.mark.parametrize("bucket, ragged", [(1, True), (1, False), (16, False), (64, False)])
+def test_bucketed_capacities_never_drop_a_kept_token(bucket, ragged):
     rng = np.random.default_rng(bucket)
     for _ in range(200):
         batch = int(rng.integers(1, 9))
         counts = rng.integers(1, 257, size=batch)
-        layout, sizes = choose_layout(counts, 256, bucket)
+        layout, sizes = choose_layout(counts, 256, bucket, ragged)
         if layout == "dense":
             assert counts.min() == 256
             continue
@@ -67,13 +68,13 @@ def test_bucketed_capacities_never_drop_a_kept_token(bucket):
         if layout in ("packed", "ragged"):
             assert counts.sum() <= sizes[1] <= batch * 256
         if layout == "ragged":
-            assert sizes[2:] == tuple(counts) and bucket == 1
+            assert sizes[2:] == tuple(counts) and ragged
     assert choose_layout([256, 256], 256) == ("dense", (256, 256))
     assert choose_layout([256], 256) == ("dense", ())
     assert choose_layout([200], 256, 64) == ("padded", (256,))
-    assert choose_layout([250, 10, 10, 10], 256, 16) == ("packed", (256, 288))
-    assert choose_layout([250, 10, 10, 10], 256) == ("ragged", (250, 280, 250, 10, 10, 10))
-    assert choose_layout([100, 98], 256)[0] == "padded"
+    assert choose_layout([250, 10, 10, 10], 256, 16) == ("packed", (256, 320))
+    assert choose_layout([250, 10, 10, 10], 256, 1, True) == ("ragged", (250, 280, 250, 10, 10, 10))
+    assert choose_layout([100, 98], 256, 1, True)[0] == "padded"
 
 
 def _mixed_model(image_size=(96, 96)):
@@ -105,14 +106,19 @@ def _assert_same_result(got, want):
 
 
 @pytest.mark.parametrize(
-    "mode, settings",
+    "mode, settings, ragged",
     [
-        ("gathered", {}),  # TF, torch: exact capacities, ragged layout; JAX: packed
-        ("gathered", {"token_bucket": 8}),  # packed layout, padding rows and slots
-        ("capacity", {"stage_capacity": 1.0}),
+        ("gathered", {}, True),  # TF, torch: ragged layout; JAX: packed
+        ("gathered", {}, False),  # packed layout, exact capacities
+        ("gathered", {"token_bucket": 8}, False),  # packed, padding rows and slots
+        ("capacity", {"stage_capacity": 1.0}, True),
     ],
 )
-def test_pruned_modes_equal_the_masked_reference_on_a_mixed_batch(mode, settings):
+def test_pruned_modes_equal_the_masked_reference_on_a_mixed_batch(
+    mode, settings, ragged, monkeypatch
+):
+    if not ragged:
+        monkeypatch.setattr(execution, "ragged_supported", lambda: False)
     model = _mixed_model()
     images = random_images(4, 96, 96, seed=1)
     want = _run(model, images, "masked")

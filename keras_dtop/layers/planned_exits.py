@@ -4,8 +4,9 @@ An untrained grading head prunes arbitrarily (often everything or nothing).
 To time and test the execution modes on realistic, mixed batches, this pruner
 replaces the grading rule's decision with a plan: after head j, image b keeps
 `round(keep_fractions[b, j] · tokens)` tokens (at least 1). Which tokens stay
-depends only on their index (a fixed permutation), not on scores, so every
-execution mode makes exactly the same decisions. Canvas and scores are the
+depends only on their index and the image's position in the batch (a fixed
+permutation), not on scores, so every execution mode makes exactly the same
+decisions for the same batch. Canvas and scores are the
 real ones. This is a measuring tool, not part of the method.
 """
 
@@ -55,8 +56,12 @@ class PlannedExitPruner(TokenPruner):
         canvas, scores, _ = super().call(presence_logits, mask_logits, canvas, alive, prune=False)
         if not prune:
             return canvas, scores, ops.zeros_like(alive)
+        if stage is None:
+            raise ValueError("PlannedExitPruner needs the stage index of the head.")
         alive = ops.cast(alive, "bool")
         batch, tokens = ops.shape(alive)[0], ops.shape(alive)[1]
+        if isinstance(batch, int) and batch > self.max_batch:
+            raise ValueError(f"Batch of {batch} images, but the plan has {self.max_batch} rows.")
         fraction = ops.cast(self.plan, "float32")[:batch, stage]
         keep = ops.maximum(ops.cast(ops.round(fraction * ops.cast(tokens, "float32")), "int32"), 1)
         # A fixed permutation of the tokens (7919 is prime) decides who stays.

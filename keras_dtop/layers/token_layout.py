@@ -1,7 +1,7 @@
 """Index maps that move alive tokens between the full grid and compact layouts.
 
-Pruned inference runs a stage's blocks on the alive tokens only. Two compact
-layouts exist (design doc §7.2-7.3):
+Pruned inference runs a stage's blocks on the alive tokens only, in compact
+layouts (design doc §7.2-7.3; `keras_dtop.models.execution` picks one):
 
 - padded `(batch, slots, dim)`: the alive tokens of each image, in token
   order, then padding slots (masked out of attention). Used by attention and
@@ -9,7 +9,8 @@ layouts exist (design doc §7.2-7.3):
 - packed `(rows, dim)`: the alive tokens of the whole batch back to back, in
   flat `(image, token)` order, then padding rows. Per-token layers (norms,
   projections, MLP) run here, so an image with few alive tokens costs little
-  even when another image in the batch keeps all of them.
+  even when another image in the batch keeps all of them. Attention then runs
+  on padded slots ("packed") or image by image on each image's rows ("ragged").
 
 Everything is static-shape given the capacities `slots` and `rows` (Python
 ints, or scalar tensors on TensorFlow graphs); no boolean indexing, no

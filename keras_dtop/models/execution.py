@@ -12,8 +12,9 @@ alive tokens only, in one of three layouts (`keras_dtop.layers.token_layout`):
   used when images keep very different numbers of tokens, so the padding of
   the "padded" layout would waste work;
 - "ragged": packed rows, and attention image by image on each image's own
-  rows (no padding at all); for exact capacities (TensorFlow and PyTorch,
-  whose programs take dynamic shapes), where JAX's buckets use "packed".
+  rows (no padding at all); on TensorFlow and PyTorch, whose programs take
+  dynamic shapes, where JAX uses "packed". Dense stages of a batch also run
+  attention image by image (measured faster on CPU than one batched call).
 
 Two ways to size the layouts:
 
@@ -23,7 +24,8 @@ Two ways to size the layouts:
   that the rule keeps is ever dropped. Each stage is one compiled program
   (`stage_compiler`).
 - capacity (`pruning_mode="capacity"`): fixed slots per stage, no host
-  decisions: one static program end to end (jit, export). When more tokens
+  decisions, so it runs inside a traced program (`jax.jit`, `tf.function`,
+  export) as one static graph; eagerly it runs one program per stage. When more tokens
   are alive than a stage's capacity, the least important ones (lowest
   priority: not context, most confident) are forced to exit with the
   current head's prediction; they are counted in `forced_exits`, and eager
@@ -57,14 +59,14 @@ def _round_up(value, multiple):
     return int(math.ceil(value / multiple) * multiple)
 
 
-def choose_layout(counts, num_tokens, bucket=1):
+def choose_layout(counts, num_tokens, bucket=1, ragged=False):
     """Layout and capacities for the next stage, from alive counts per image.
 
     counts: int array `(batch,)` of alive tokens; bucket: capacities are
-    rounded up to a multiple of it (slots) or of `bucket · ⌈batch/2⌉` (rows),
-    never above the dense size. Exact capacities (bucket 1: TensorFlow and
-    PyTorch, whose programs take dynamic shapes) let attention run image by
-    image on the exact counts ("ragged"). Returns `(layout,
+    rounded up to a multiple of it (slots) or of `bucket · batch` (rows), never
+    above the dense size, so that a jit compiles at most (tokens/bucket)² programs
+    per stage; ragged: the backend runs dynamic shapes (TensorFlow, PyTorch),
+    so attention may run image by image on the exact counts. Returns `(layout,
     sizes)`: ("dense", ()), ("padded", (slots,)), ("packed", (slots, rows)) or
     ("ragged", (slots, rows, count_0, ..., count_B-1)); "dense" sizes are the
     tokens per image (attention image by image) or () at batch 1. The capacities are
@@ -77,9 +79,9 @@ def choose_layout(counts, num_tokens, bucket=1):
     slots = min(num_tokens, _round_up(max(most, 1), bucket))
     if batch == 1 or batch * slots <= (1 + PACKING_MIN_WASTE) * total:
         return "padded", (slots,)
-    if bucket == 1:
+    if ragged:
         return "ragged", (most, total, *(int(c) for c in counts))
-    rows = min(batch * num_tokens, _round_up(max(total, 1), bucket * max(1, batch // 2)))
+    rows = min(batch * num_tokens, _round_up(max(total, 1), bucket * batch))
     return "packed", (slots, rows)
 
 
@@ -155,7 +157,7 @@ def compact_stage(model, static, sizes, *tensors):
     elif layout in ("packed", "ragged"):
         index = packed_layout(alive, sizes[1], sizes[0])
         x = gather_rows(x_flat, index["row_token"])[None]
-        bias = key_bias(index["slot_valid"], x.dtype)
+        bias = None if layout == "ragged" else key_bias(index["slot_valid"], x.dtype)
         for block in blocks:
             if layout == "ragged":
                 x = block.call_ragged(x, sizes[2:])
@@ -245,7 +247,9 @@ def forward_compact(model, images, return_details, mode):
             layout, sizes = "padded", (ops.max(ops.sum(ops.cast(alive, "int32"), axis=-1)),)
         else:
             counts = ops.convert_to_numpy(ops.sum(ops.cast(alive, "int32"), axis=-1))
-            layout, sizes = choose_layout(counts, num_tokens, model.resolved_token_bucket(num_tokens))
+            layout, sizes = choose_layout(
+                counts, num_tokens, model.resolved_token_bucket(num_tokens), ragged_supported()
+            )
         out = run(
             static(stage, layout),
             sizes,
@@ -270,6 +274,11 @@ def forward_compact(model, images, return_details, mode):
     return model.assemble_outputs(
         out["scores"], heads, out["exit_stage"], image_size, return_details, forced
     )
+
+
+def ragged_supported():
+    """Whether stage programs take per-image sizes as dynamic values (not JAX)."""
+    return not _is_jax()
 
 
 def _is_jax():

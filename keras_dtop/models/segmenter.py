@@ -77,8 +77,10 @@ class DToPSegmenter(ImageSegmenter):
     every token's prediction from the stage where it exited, scaled by the
     final head's class presence.
 
-    This is the masked reference execution: static shapes, exited tokens
-    excluded from attention and zeroed, identical on every backend.
+    Training runs the masked reference (`forward_stages`: static shapes,
+    exited tokens excluded from attention and zeroed); inference by default
+    runs each stage on its alive tokens only (`pruning_mode`,
+    `keras_dtop.models.execution`), with the same outputs.
 
     Unlike keras-hub's functional tasks this one is subclassed: the stages
     interleave backbone blocks with heads and exit decisions, the pruning
