@@ -84,3 +84,12 @@ def test_segmenter_flops_reads_the_model():
         flops,
         dtop_flops(counts, (64, 64), 16, 32, 4, (1, 2, 3), 4, 16, mlp_ratio=2.0, head_num_layers=2),
     )
+
+
+def test_flops_of_backend_tensors_equal_the_host_count():
+    # evaluate() counts FLOPs from alive counts inside a compiled step.
+    counts = np.array([[1024, 700, 512], [1024, 1024, 1024]], dtype="int32")
+    host = dtop_flops(counts, (512, 512), 16, 768, 12, (5, 7, 11), 150, 384)
+    tensor = dtop_flops(keras.ops.convert_to_tensor(counts), (512, 512), 16, 768, 12, (5, 7, 11), 150, 384)
+    np.testing.assert_allclose(to_numpy(tensor), host, rtol=1e-6)
+    assert host[0] < host[1]
