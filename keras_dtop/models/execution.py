@@ -244,7 +244,9 @@ def forward_compact(model, images, return_details, mode):
         if mode == "capacity":
             layout, sizes = "padded", (min(capacities[stage - 1], num_tokens),)
         elif traced:
-            layout, sizes = "padded", (ops.max(ops.sum(ops.cast(alive, "int32"), axis=-1)),)
+            # At least one slot: a zero-length stage crashes TFLite's XNNPACK.
+            most = ops.max(ops.sum(ops.cast(alive, "int32"), axis=-1))
+            layout, sizes = "padded", (ops.maximum(most, 1),)
         else:
             counts = ops.convert_to_numpy(ops.sum(ops.cast(alive, "int32"), axis=-1))
             layout, sizes = choose_layout(

@@ -608,6 +608,34 @@ class DToPSegmenter(ImageSegmenter):
             config["loss"] = keras.saving.serialize_keras_object(self.dtop_loss)
         return config
 
+    # --- Export ---
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' `Model.export`, routed to `keras_dtop.export` for SavedModel and LiteRT.
+
+        format "tf_saved_model" -> `export_saved_model`, "litert" (or
+        "tflite") -> `export_tflite`, with the pruning kept in the graph and
+        `scores`, `labels`, `alive_tokens`, `exit_stage` outputs; kwargs are
+        those functions' options (image_size, batch_size, quantization, ...).
+        input_signature: one spec `(batch, H, W, 3)`. Works from every backend
+        (rebuilt under TensorFlow in a subprocess). Other formats go to Keras.
+        """
+        from keras_dtop import export as dtop_export
+
+        if format == "tf_saved_model":
+            path = dtop_export.export_saved_model(
+                self, filepath, input_signature=input_signature, **kwargs
+            )
+        elif format in ("litert", "tflite"):
+            path = dtop_export.export_tflite(self, filepath, input_signature=input_signature, **kwargs)
+        else:
+            return super().export(
+                filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
+            )
+        if verbose:
+            print(f"Saved {format} artifact at {path}")
+        return path
+
     # --- Serialisation and presets ---
 
     def get_config(self):

@@ -1,0 +1,53 @@
+"""Run an exported `.tflite` DToP model with the LiteRT interpreter (`ai-edge-litert`)."""
+
+import os
+
+import numpy as np
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # older setups: TensorFlow's bundled interpreter
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter
+
+
+class LiteRTSegmenter:
+    """Callable wrapper of an exported `.tflite` segmenter.
+
+    `runner(images)` takes `(count, H, W, 3)` images (what the export's input
+    expects: raw pixels when it includes preprocessing), runs them in chunks
+    of the model's fixed batch (padding the last), and returns NumPy
+    `scores`, `labels`, `alive_tokens` and `exit_stage` for all `count` images.
+    """
+
+    def __init__(self, path, num_threads=None, **interpreter_kwargs):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No .tflite file at {path!r}.")
+        self.interpreter = _interpreter_class()(
+            model_path=os.fspath(path), num_threads=num_threads, **interpreter_kwargs
+        )
+        self.runner = self.interpreter.get_signature_runner("serving_default")
+        spec = self.runner.get_input_details()["images"]
+        self.input_shape = tuple(int(s) for s in spec["shape"])
+        self.input_dtype = np.dtype(spec["dtype"])
+
+    def __call__(self, images):
+        images = np.asarray(images)
+        batch = self.input_shape[0]
+        if images.ndim != 4 or images.shape[1:] != self.input_shape[1:]:
+            raise ValueError(
+                f"Images must have shape (count, {', '.join(map(str, self.input_shape[1:]))}), "
+                f"got {images.shape}."
+            )
+        images = images.astype(self.input_dtype, copy=False)
+        chunks = []
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+            outputs = self.runner(images=padded)
+            chunks.append({k: np.array(v[: len(chunk)]) for k, v in outputs.items()})
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

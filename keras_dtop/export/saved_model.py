@@ -1,0 +1,91 @@
+"""TF SavedModel export with a `serving_default` signature that prunes inside the graph."""
+
+import os
+
+import keras
+
+from keras_dtop.export.serving import (
+    inference_settings,
+    serving_outputs,
+    serving_spec,
+    spec_from_input_signature,
+)
+from keras_dtop.export.tensorflow_process import (
+    export_in_tensorflow_process,
+    load_segmenter,
+    running_tensorflow,
+)
+
+
+def export_saved_model(
+    model,
+    path,
+    image_size=None,
+    batch_size=None,
+    input_dtype="float32",
+    include_preprocessing=None,
+    pruning_mode=None,
+    pruning_enabled=None,
+    stage_capacity=None,
+    input_signature=None,
+):
+    """Write `model` (a `DToPSegmenter` or its `.keras` file) as a TF SavedModel.
+
+    The `serving_default` signature takes `images` `(batch_size, H, W, 3)`
+    (raw RGB pixels when `include_preprocessing`, the default for a model with
+    a preprocessor) and returns `scores`, `labels`, `alive_tokens` and
+    `exit_stage` (see `keras_dtop.export.serving.serving_outputs`).
+    batch_size None keeps the batch dynamic. pruning_mode / pruning_enabled /
+    stage_capacity override the model's settings for the export ("gathered":
+    dynamic token counts; "capacity": static shapes). Under JAX or PyTorch the
+    model is rebuilt under TensorFlow in a subprocess. Returns the path.
+    """
+    options = dict(
+        image_size=image_size,
+        batch_size=batch_size,
+        input_dtype=input_dtype,
+        include_preprocessing=include_preprocessing,
+        pruning_mode=pruning_mode,
+        pruning_enabled=pruning_enabled,
+        stage_capacity=stage_capacity,
+    )
+    if not running_tensorflow():
+        if not isinstance(model, (str, os.PathLike)):
+            spec = _spec(model, options, input_signature)  # clear errors before the subprocess
+            options.update(image_size=spec.image_size, batch_size=spec.batch_size,
+                           input_dtype=spec.input_dtype)  # fmt: skip
+        return export_in_tensorflow_process("saved_model", model, path, options)
+    model = load_segmenter(model)
+    spec = _spec(model, options, input_signature)
+    write_saved_model(model, path, spec, options)
+    return os.fspath(path)
+
+
+def _spec(model, options, input_signature, static_batch=False):
+    if input_signature is not None:
+        return spec_from_input_signature(model, input_signature, static_batch)
+    return serving_spec(
+        model,
+        options["image_size"],
+        options["batch_size"],
+        options["input_dtype"],
+        options["include_preprocessing"],
+        static_batch,
+    )
+
+
+def write_saved_model(model, path, spec, options):
+    """Trace the serving function for `spec` (TensorFlow backend) and write it to `path`."""
+    import tensorflow as tf
+
+    with inference_settings(
+        model, options["pruning_mode"], options["pruning_enabled"], options["stage_capacity"]
+    ):
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            "serving_default",
+            lambda images: serving_outputs(model, images, spec),
+            input_signature=[tf.TensorSpec(spec.shape, spec.input_dtype, name="images")],
+        )
+        archive.write_out(os.fspath(path), verbose=False)

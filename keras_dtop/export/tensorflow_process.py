@@ -1,0 +1,80 @@
+"""Run an export under the TensorFlow backend, whatever backend the caller uses.
+
+SavedModel and TFLite come from TensorFlow graphs: a model trained under JAX or
+PyTorch is saved as a `.keras` file and rebuilt by `keras-dtop export` in a
+fresh Python process with `KERAS_BACKEND=tensorflow` (design doc §7.3: JAX ->
+TFLite and PyTorch -> SavedModel conversions fail on this model).
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import keras
+
+
+def running_tensorflow():
+    return keras.backend.backend() == "tensorflow"
+
+
+def load_segmenter(source):
+    """A `DToPSegmenter` from an instance or a `.keras` path (loaded without compiling)."""
+    check_source(source)
+    if isinstance(source, (str, os.PathLike)):
+        source = keras.saving.load_model(os.fspath(source), compile=False)
+        check_source(source)
+    return source
+
+
+def check_source(source):
+    """What export accepts: a `DToPSegmenter` or the path of an existing `.keras` file."""
+    from keras_dtop.models.segmenter import DToPSegmenter
+
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not path.endswith(".keras") or not os.path.isfile(path):
+            raise FileNotFoundError(f"Expected a .keras file saved by model.save(), got {path!r}.")
+    elif not isinstance(source, DToPSegmenter):
+        raise TypeError(f"Export takes a DToPSegmenter or its .keras file, got {type(source).__name__}.")
+
+
+def cli_arguments(options):
+    """`keras-dtop export` flags for the keyword options of the export functions."""
+    args = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            args += [flag, *(str(v) for v in value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def export_in_tensorflow_process(export_format, model, path, options):
+    """Save `model` (unless it is a path) and export it with `keras-dtop export` under TF."""
+    check_source(model)
+    with tempfile.TemporaryDirectory(prefix="keras_dtop_export_") as tmp:
+        source = model
+        if not isinstance(model, (str, os.PathLike)):
+            source = os.path.join(tmp, "model.keras")
+            model.save(source)
+        command = [
+            sys.executable, "-m", "keras_dtop.cli", "export", os.fspath(source),
+            "--format", export_format, "--out", os.fspath(path), "--quiet",
+            *cli_arguments(options),
+        ]  # fmt: skip
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        message = lines[-1] if lines else f"exit code {result.returncode}"
+        raise RuntimeError(
+            f"Exporting under the TensorFlow backend failed: {message}\n"
+            f"(command: {' '.join(command)})\n--- stderr tail ---\n" + "\n".join(lines[-20:])
+        )
+    return os.fspath(path)

@@ -1,0 +1,128 @@
+"""TFLite (LiteRT) export: builtin ops only, float32 / float16 / dynamic-range int8.
+
+The flatbuffer is converted from the SavedModel of `saved_model.py`, so it
+prunes the same way: with `pruning_mode` "gathered" the tensors of every stage
+after the first are resized at run time to the alive tokens (at least one:
+XNNPACK fails on empty tensors); "capacity" gives fully static shapes.
+"""
+
+import os
+import tempfile
+
+from keras_dtop.export.saved_model import _spec, write_saved_model
+from keras_dtop.export.tensorflow_process import (
+    export_in_tensorflow_process,
+    load_segmenter,
+    running_tensorflow,
+)
+
+QUANTIZATIONS = ("float16", "int8")
+
+
+def check_quantization(quantization):
+    if quantization not in (None, "none", *QUANTIZATIONS):
+        raise ValueError(
+            f"quantization must be None, 'float16' or 'int8' (dynamic range), got {quantization!r}."
+        )
+    return None if quantization == "none" else quantization
+
+
+def export_tflite(
+    model,
+    path,
+    image_size=None,
+    batch_size=1,
+    input_dtype="float32",
+    include_preprocessing=None,
+    quantization=None,
+    pruning_mode=None,
+    pruning_enabled=None,
+    stage_capacity=None,
+    input_signature=None,
+):
+    """Write `model` (a `DToPSegmenter` or its `.keras` file) as a `.tflite` flatbuffer.
+
+    Fixed input `(batch_size, H, W, 3)` (H, W: `image_size`, default the
+    backbone's); signature outputs as for `export_saved_model`.
+    quantization: None (float32), "float16" (weights stored in half precision)
+    or "int8" (dynamic-range: int8 weights, float activations). Only TFLite
+    builtin operators are allowed; a conversion needing Flex or custom ops
+    raises. Under JAX or PyTorch the model is rebuilt under TensorFlow in a
+    subprocess. Returns the path.
+    """
+    quantization = check_quantization(quantization)
+    options = dict(
+        image_size=image_size,
+        batch_size=batch_size,
+        input_dtype=input_dtype,
+        include_preprocessing=include_preprocessing,
+        pruning_mode=pruning_mode,
+        pruning_enabled=pruning_enabled,
+        stage_capacity=stage_capacity,
+    )
+    if not running_tensorflow():
+        if not isinstance(model, (str, os.PathLike)):
+            spec = _spec(model, options, input_signature, static_batch=True)
+            options.update(image_size=spec.image_size, batch_size=spec.batch_size,
+                           input_dtype=spec.input_dtype)  # fmt: skip
+        options["quantization"] = quantization
+        return export_in_tensorflow_process("tflite", model, path, options)
+    model = load_segmenter(model)
+    spec = _spec(model, options, input_signature, static_batch=True)
+    with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
+        write_saved_model(model, tmp, spec, options)
+        flatbuffer = convert_saved_model(tmp, quantization)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return os.fspath(path)
+
+
+def convert_saved_model(saved_model_dir, quantization=None):
+    """SavedModel -> TFLite flatbuffer bytes with builtin ops only (checked)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        os.fspath(saved_model_dir), signature_keys=["serving_default"]
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    flatbuffer = converter.convert()
+    foreign = custom_operators(flatbuffer)
+    if foreign:
+        raise RuntimeError(f"The TFLite model needs non-builtin operators {foreign}.")
+    return flatbuffer
+
+
+def tflite_operators(flatbuffer):
+    """Sorted names of the operators a `.tflite` model uses (bytes or a path).
+
+    Builtin operators by their schema names (e.g. "FULLY_CONNECTED"), custom
+    and Flex operators by their custom code (e.g. "FlexErf").
+    """
+    return sorted({name for name, _ in _operator_codes(flatbuffer)})
+
+
+def custom_operators(flatbuffer):
+    """Sorted custom and Flex (SELECT_TF_OPS) operators of a `.tflite` model; [] when builtins only."""
+    return sorted({name for name, custom in _operator_codes(flatbuffer) if custom})
+
+
+def _operator_codes(flatbuffer):
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if isinstance(flatbuffer, (str, os.PathLike)):
+        with open(flatbuffer, "rb") as f:
+            flatbuffer = f.read()
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    for code in model.operatorCodes:
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin == schema.BuiltinOperator.CUSTOM or code.customCode:
+            custom = code.customCode
+            yield (custom.decode() if isinstance(custom, bytes) else str(custom)), True
+        else:
+            yield names[builtin], False
