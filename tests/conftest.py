@@ -109,3 +109,34 @@ def traced(fn):
 
         return jax.jit(fn)
     return fn
+
+
+def varied_images(count=8, size=64, seed=0):
+    """`count` raw RGB images in [0, 255] of different kinds (noise, flat colour,
+    gradients, stripes, checkerboard, halves, blobs) so that the pruning rule
+    keeps different numbers of tokens per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    kinds = [
+        lambda: rng.uniform(0, 255, (size, size, 3)),
+        lambda: np.broadcast_to(rng.uniform(0, 255, 3), (size, size, 3)),
+        lambda: xx[..., None] * rng.uniform(0, 255, 3),
+        lambda: (np.sin(yy * rng.uniform(5, 30))[..., None] > 0) * rng.uniform(0, 255, 3),
+        lambda: ((xx * 8).astype(int) + (yy * 8).astype(int))[..., None] % 2 * 255.0,
+        lambda: np.where((xx < 0.5)[..., None], rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)),
+        lambda: np.exp(-((xx - rng.random()) ** 2 + (yy - rng.random()) ** 2) * 20)[..., None] * 255,
+        lambda: rng.uniform(0, 64, (size, size, 3)) + 128,
+    ]
+    images = [np.broadcast_to(kinds[i % len(kinds)](), (size, size, 3)) for i in range(count)]
+    return np.clip(np.stack(images), 0, 255).astype("float32")
+
+
+def set_threshold_between_tokens(model, images, candidate_fraction=0.5):
+    """Set p0 so that about `candidate_fraction` of the first stage's tokens are
+    exit candidates, halfway between two tokens' confidences: no token sits
+    within rounding error of p0, so every backend and runtime decides alike."""
+    scores = model.predict_details(images)["heads"][0]["token_scores"]
+    confidence = np.unique(scores.max(axis=1))
+    i = int(np.clip(round((1 - candidate_fraction) * len(confidence)), 1, len(confidence) - 1))
+    model.prune_threshold = float((confidence[i - 1] + confidence[i]) / 2)
+    return model.prune_threshold

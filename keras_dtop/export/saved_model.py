@@ -4,12 +4,7 @@ import os
 
 import keras
 
-from keras_dtop.export.serving import (
-    inference_settings,
-    serving_outputs,
-    serving_spec,
-    spec_from_input_signature,
-)
+from keras_dtop.export.serving import inference_settings, resolve_spec, serving_outputs
 from keras_dtop.export.tensorflow_process import (
     export_in_tensorflow_process,
     load_segmenter,
@@ -51,27 +46,18 @@ def export_saved_model(
     )
     if not running_tensorflow():
         if not isinstance(model, (str, os.PathLike)):
-            spec = _spec(model, options, input_signature)  # clear errors before the subprocess
-            options.update(image_size=spec.image_size, batch_size=spec.batch_size,
-                           input_dtype=spec.input_dtype)  # fmt: skip
+            spec = resolve_spec(model, options, input_signature)  # errors before the subprocess
+            options.update(
+                image_size=spec.image_size,
+                batch_size=spec.batch_size,
+                input_dtype=spec.input_dtype,
+                include_preprocessing=spec.include_preprocessing,
+            )
         return export_in_tensorflow_process("saved_model", model, path, options)
     model = load_segmenter(model)
-    spec = _spec(model, options, input_signature)
+    spec = resolve_spec(model, options, input_signature)
     write_saved_model(model, path, spec, options)
     return os.fspath(path)
-
-
-def _spec(model, options, input_signature, static_batch=False):
-    if input_signature is not None:
-        return spec_from_input_signature(model, input_signature, static_batch)
-    return serving_spec(
-        model,
-        options["image_size"],
-        options["batch_size"],
-        options["input_dtype"],
-        options["include_preprocessing"],
-        static_batch,
-    )
 
 
 def write_saved_model(model, path, spec, options):

@@ -96,7 +96,7 @@ def serving_spec(
     return ServingSpec(image_size, batch_size, dtype, bool(include_preprocessing))
 
 
-def spec_from_input_signature(model, input_signature, static_batch=False):
+def spec_from_input_signature(model, input_signature, include_preprocessing=None, static_batch=False):
     """`ServingSpec` from a Keras-style `input_signature` (one spec `(batch, H, W, 3)`)."""
     spec = input_signature
     if isinstance(spec, (list, tuple)) and len(spec) == 1 and hasattr(spec[0], "shape"):
@@ -113,12 +113,43 @@ def spec_from_input_signature(model, input_signature, static_batch=False):
     if shape[1] is None or shape[2] is None:
         raise ValueError(f"Export needs a fixed image size, got height/width None in {shape}.")
     dtype = "float32" if dtype is None else keras.backend.standardize_dtype(getattr(dtype, "name", dtype))
-    return serving_spec(model, shape[1:3], shape[0], dtype, None, static_batch)
+    return serving_spec(model, shape[1:3], shape[0], dtype, include_preprocessing, static_batch)
+
+
+def resolve_spec(model, options, input_signature=None, static_batch=False):
+    """Check an export's options against `model` before anything is traced.
+
+    options: the exporters' keyword options (image_size, batch_size,
+    input_dtype, include_preprocessing, pruning_mode, pruning_enabled,
+    stage_capacity). Returns the `ServingSpec`; raises ValueError / TypeError
+    naming the problem.
+    """
+    if input_signature is not None:
+        spec = spec_from_input_signature(
+            model, input_signature, options["include_preprocessing"], static_batch
+        )
+    else:
+        spec = serving_spec(
+            model,
+            options["image_size"],
+            options["batch_size"],
+            options["input_dtype"],
+            options["include_preprocessing"],
+            static_batch,
+        )
+    settings = (options["pruning_mode"], options["pruning_enabled"], options["stage_capacity"])
+    with inference_settings(model, *settings):
+        pass
+    return spec
 
 
 @contextlib.contextmanager
 def inference_settings(model, pruning_mode=None, pruning_enabled=None, stage_capacity=None):
     """Temporarily override the model's execution settings (None keeps the model's)."""
+    if pruning_mode not in (None, "gathered", "capacity", "masked"):
+        raise ValueError(
+            f"Export pruning_mode must be 'gathered', 'capacity' or 'masked', got {pruning_mode!r}."
+        )
     saved = (model.pruning_mode, model.pruning_enabled, model.stage_capacity)
     try:
         if stage_capacity is not None:
@@ -127,7 +158,7 @@ def inference_settings(model, pruning_mode=None, pruning_enabled=None, stage_cap
             model.pruning_mode = pruning_mode
         if pruning_enabled is not None:
             model.pruning_enabled = pruning_enabled
-        if model.pruning_mode == "capacity":
+        if model.inference_mode() == "capacity":
             model.stage_token_capacities(1)  # raises a clear error without stage_capacity
         yield model
     finally:

@@ -9,7 +9,8 @@ XNNPACK fails on empty tensors); "capacity" gives fully static shapes.
 import os
 import tempfile
 
-from keras_dtop.export.saved_model import _spec, write_saved_model
+from keras_dtop.export.saved_model import write_saved_model
+from keras_dtop.export.serving import resolve_spec
 from keras_dtop.export.tensorflow_process import (
     export_in_tensorflow_process,
     load_segmenter,
@@ -62,13 +63,17 @@ def export_tflite(
     )
     if not running_tensorflow():
         if not isinstance(model, (str, os.PathLike)):
-            spec = _spec(model, options, input_signature, static_batch=True)
-            options.update(image_size=spec.image_size, batch_size=spec.batch_size,
-                           input_dtype=spec.input_dtype)  # fmt: skip
+            spec = resolve_spec(model, options, input_signature, static_batch=True)
+            options.update(
+                image_size=spec.image_size,
+                batch_size=spec.batch_size,
+                input_dtype=spec.input_dtype,
+                include_preprocessing=spec.include_preprocessing,
+            )
         options["quantization"] = quantization
         return export_in_tensorflow_process("tflite", model, path, options)
     model = load_segmenter(model)
-    spec = _spec(model, options, input_signature, static_batch=True)
+    spec = resolve_spec(model, options, input_signature, static_batch=True)
     with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
         write_saved_model(model, tmp, spec, options)
         flatbuffer = convert_saved_model(tmp, quantization)
