@@ -6,6 +6,7 @@ import keras
 
 from keras_dtop.export.serving import inference_settings, resolve_spec, serving_outputs
 from keras_dtop.export.tensorflow_process import (
+    check_source,
     export_in_tensorflow_process,
     load_segmenter,
     running_tensorflow,
@@ -44,6 +45,7 @@ def export_saved_model(
         pruning_enabled=pruning_enabled,
         stage_capacity=stage_capacity,
     )
+    check_source(model)
     if not running_tensorflow():
         if not isinstance(model, (str, os.PathLike)):
             spec = resolve_spec(model, options, input_signature)  # errors before the subprocess

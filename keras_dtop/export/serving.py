@@ -177,8 +177,9 @@ def serving_outputs(model, images, spec):
     x = ops.cast(images, "float32")
     if spec.include_preprocessing:
         x = model.preprocessor.image_converter(x)
+    # Details only when pruning: they would make a dense model run its auxiliary heads.
     outputs = model(x, training=False, return_details=model.prunes)
-    scores = ops.cast(outputs["scores"], "float32")
+    scores = ops.cast(outputs["scores"] if model.prunes else outputs, "float32")
     patch = model.backbone.patch_size
     grid = (spec.image_size[0] // patch, spec.image_size[1] // patch)
     batch = ops.shape(scores)[0]

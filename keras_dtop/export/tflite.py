@@ -12,6 +12,7 @@ import tempfile
 from keras_dtop.export.saved_model import write_saved_model
 from keras_dtop.export.serving import resolve_spec
 from keras_dtop.export.tensorflow_process import (
+    check_source,
     export_in_tensorflow_process,
     load_segmenter,
     running_tensorflow,
@@ -61,6 +62,7 @@ def export_tflite(
         pruning_enabled=pruning_enabled,
         stage_capacity=stage_capacity,
     )
+    check_source(model)
     if not running_tensorflow():
         if not isinstance(model, (str, os.PathLike)):
             spec = resolve_spec(model, options, input_signature, static_batch=True)
