@@ -4,8 +4,12 @@ For each model, exports TFLite flatbuffers (builtin ops, float32, batch 1)
 of the same weights with pruning off ("dense") and on, then times them side
 by side in one process with the LiteRT interpreter (XNNPACK, runs
 interleaved, warm-up excluded). Prints size, conversion time, ms/image
-(median and min), alive tokens per stage, GFLOPs/image, speedup over dense,
+(median and min), alive tokens per stage, GFLOPs/image (what runs: auxiliary
+heads included when the model prunes), speedup over dense,
 ideal speedup (dense GFLOPs / GFLOPs run) and efficiency = speedup / ideal.
+Every pruned row is followed by its "capacity" twin: the same exits with
+static shapes (`pruning_mode="capacity"`, capacities = the row's largest
+alive counts), which XNNPACK can take whole.
 
     python benchmarks/export_speed.py                         # ViT-B/16 512x512 + tiny, planned exits
     python benchmarks/export_speed.py --config tiny
@@ -82,14 +86,18 @@ def benchmark(model, images, rows, apply_plan, repeats, warmup, threads):
     image_size = images.shape[1:3]
     tmp = tempfile.mkdtemp(prefix="dtop_export_speed_")
     runners, results = {}, []
-    for name, settings, plan in rows:
+    queue = list(rows)
+    while queue:
+        name, settings, plan = queue.pop(0)
         clone = model.__class__.from_config(model.get_config())
         clone.set_weights(weights)
+        for setting, value in settings.items():
+            setattr(clone, setting, value)
         if plan is not None:
             apply_plan(clone, plan)
         path = os.path.join(tmp, f"{len(runners)}.tflite")
         start = time.perf_counter()
-        export_tflite(clone, path, image_size=image_size, **settings)
+        export_tflite(clone, path, image_size=image_size)
         convert_s = time.perf_counter() - start
         runners[name] = LiteRTSegmenter(path, num_threads=threads)
         outputs = runners[name](images)
@@ -100,6 +108,11 @@ def benchmark(model, images, rows, apply_plan, repeats, warmup, threads):
             alive_tokens=counts.mean(axis=0).round(1).tolist(), gflops=float(flops), times=[],
         ))  # fmt: skip
         print(f"  exported {name}: {results[-1]['size_mb']:.1f} MiB in {convert_s:.0f} s", flush=True)
+        if clone.prunes and settings.get("pruning_mode") != "capacity" and counts[:, 1:].min() < counts[:, 0].max():
+            # The same exits with static shapes: capacities = the largest alive counts.
+            capacity = tuple(int(c) for c in counts[:, 1:].max(axis=0))
+            static = dict(pruning_mode="capacity", stage_capacity=capacity)
+            queue.insert(0, (f"{name}, capacity {list(capacity)}", static, plan))
     for repeat in range(warmup + repeats):
         for result in results:
             runner = runners[result["row"]]

@@ -4,13 +4,8 @@ import os
 
 import keras
 
-from keras_dtop.export.serving import inference_settings, resolve_spec, serving_outputs
-from keras_dtop.export.tensorflow_process import (
-    check_source,
-    export_in_tensorflow_process,
-    load_segmenter,
-    running_tensorflow,
-)
+from keras_dtop.export.serving import inference_settings, serving_outputs
+from keras_dtop.export.tensorflow_process import run_export
 
 
 def export_saved_model(
@@ -45,21 +40,14 @@ def export_saved_model(
         pruning_enabled=pruning_enabled,
         stage_capacity=stage_capacity,
     )
-    check_source(model)
-    if not running_tensorflow():
-        if not isinstance(model, (str, os.PathLike)):
-            spec = resolve_spec(model, options, input_signature)  # errors before the subprocess
-            options.update(
-                image_size=spec.image_size,
-                batch_size=spec.batch_size,
-                input_dtype=spec.input_dtype,
-                include_preprocessing=spec.include_preprocessing,
-            )
-        return export_in_tensorflow_process("saved_model", model, path, options)
-    model = load_segmenter(model)
-    spec = resolve_spec(model, options, input_signature)
-    write_saved_model(model, path, spec, options)
-    return os.fspath(path)
+    return run_export(
+        "saved_model",
+        model,
+        path,
+        options,
+        input_signature,
+        lambda model, spec: write_saved_model(model, path, spec, options),
+    )
 
 
 def write_saved_model(model, path, spec, options):

@@ -13,6 +13,8 @@ import tempfile
 
 import keras
 
+from keras_dtop.export.serving import resolve_spec
+
 
 def running_tensorflow():
     return keras.backend.backend() == "tensorflow"
@@ -53,6 +55,31 @@ def cli_arguments(options):
         else:
             args += [flag, str(value)]
     return args
+
+
+def run_export(export_format, model, path, options, input_signature, write, extra_options=None):
+    """Check the options, then export here (TensorFlow) or in a TensorFlow subprocess.
+
+    write(model, spec): writes the artefact to `path` under TensorFlow;
+    extra_options: format-only options passed on to the subprocess (quantization).
+    """
+    static_batch = export_format == "tflite"
+    check_source(model)
+    if not running_tensorflow():
+        options = dict(options)
+        if not isinstance(model, (str, os.PathLike)):
+            spec = resolve_spec(model, options, input_signature, static_batch)  # errors before the subprocess
+            options.update(
+                image_size=spec.image_size,
+                batch_size=spec.batch_size,
+                input_dtype=spec.input_dtype,
+                include_preprocessing=spec.include_preprocessing,
+            )
+        options.update(extra_options or {})
+        return export_in_tensorflow_process(export_format, model, path, options)
+    model = load_segmenter(model)
+    write(model, resolve_spec(model, options, input_signature, static_batch))
+    return os.fspath(path)
 
 
 def export_in_tensorflow_process(export_format, model, path, options):

@@ -10,13 +10,7 @@ import os
 import tempfile
 
 from keras_dtop.export.saved_model import write_saved_model
-from keras_dtop.export.serving import resolve_spec
-from keras_dtop.export.tensorflow_process import (
-    check_source,
-    export_in_tensorflow_process,
-    load_segmenter,
-    running_tensorflow,
-)
+from keras_dtop.export.tensorflow_process import run_export
 
 QUANTIZATIONS = ("float16", "int8")
 
@@ -62,26 +56,16 @@ def export_tflite(
         pruning_enabled=pruning_enabled,
         stage_capacity=stage_capacity,
     )
-    check_source(model)
-    if not running_tensorflow():
-        if not isinstance(model, (str, os.PathLike)):
-            spec = resolve_spec(model, options, input_signature, static_batch=True)
-            options.update(
-                image_size=spec.image_size,
-                batch_size=spec.batch_size,
-                input_dtype=spec.input_dtype,
-                include_preprocessing=spec.include_preprocessing,
-            )
-        options["quantization"] = quantization
-        return export_in_tensorflow_process("tflite", model, path, options)
-    model = load_segmenter(model)
-    spec = resolve_spec(model, options, input_signature, static_batch=True)
-    with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
-        write_saved_model(model, tmp, spec, options)
-        flatbuffer = convert_saved_model(tmp, quantization)
-    with open(path, "wb") as f:
-        f.write(flatbuffer)
-    return os.fspath(path)
+
+    def write(model, spec):
+        with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
+            write_saved_model(model, tmp, spec, options)
+            flatbuffer = convert_saved_model(tmp, quantization)
+        with open(path, "wb") as f:
+            f.write(flatbuffer)
+
+    extra = {"quantization": quantization}
+    return run_export("tflite", model, path, options, input_signature, write, extra)
 
 
 def convert_saved_model(saved_model_dir, quantization=None):

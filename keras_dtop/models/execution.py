@@ -243,6 +243,8 @@ def forward_compact(model, images, return_details, mode):
         alive = out["alive"]
         if mode == "capacity":
             layout, sizes = "padded", (min(capacities[stage - 1], num_tokens),)
+        elif traced and not model.prunes:
+            layout, sizes = "dense", ()  # nothing exits: no gathers, static shapes
         elif traced:
             # At least one slot: a zero-length stage crashes TFLite's XNNPACK.
             most = ops.max(ops.sum(ops.cast(alive, "int32"), axis=-1))
