@@ -205,6 +205,10 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
         cli_main(["export", "m.keras", "--format", "onnx", "--out", "x"])
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="trains on all three backends in subprocesses itself: run once, in the TensorFlow session",
+)
 def test_tflite_identical_whichever_backend_trained_the_model(tmp_path):
     """The same training run on each backend (same initial weights and steps), saved
     as .keras, exported with the `keras-dtop` CLI: the three TFLite models agree, and

@@ -417,14 +417,24 @@ class DToPSegmenter(ImageSegmenter):
             raise TypeError(f"Images must be a real-valued numeric tensor, got dtype {dtype}.")
         return images
 
-    def predict_details(self, images, batch_size=8):
+    def predict_details(self, images, batch_size=8, sliding_window=None):
         """Run the preprocessor and the model on `images`, return NumPy details.
 
         images: `(count, H, W, 3)` raw RGB pixels (what `predict` takes). Returns
         the dict of `forward_stages` as NumPy arrays, batches concatenated, plus
         `gflops` `(count,)` (backbone + final head, the papers' count) and
         `gflops_with_auxiliary_heads` (what the pruned model really runs).
+
+        sliding_window: a crop size, `(crop, stride)` or
+        `keras_dtop.evaluation.SlidingWindow`: each image is predicted window
+        by window (`sliding_window_details`), every window pruning on its own.
+        Returns `scores` `(count, H, W, classes)`, `gflops`,
+        `gflops_with_auxiliary_heads` and `dense_gflops` `(count,)` summed over
+        windows, `num_windows` `(count,)` and `alive_fraction` `(count,
+        stages)` averaged over windows.
         """
+        if sliding_window is not None:
+            return self._predict_sliding(images, batch_size, sliding_window)
         images = np.asarray(images)
         chunks = []
         for start in range(0, len(images), batch_size):
@@ -440,6 +450,27 @@ class DToPSegmenter(ImageSegmenter):
             flops = segmenter_flops(self, details["alive_counts"], image_size, auxiliary)
             details[key] = flops / 1e9
         return details
+
+    def _predict_sliding(self, images, batch_size, sliding_window):
+        from keras_dtop.evaluation import SlidingWindow, sliding_window_details
+
+        window = SlidingWindow.from_argument(sliding_window)
+        images = self._check_images(np.asarray(images))
+        if len(images.shape) != 4:
+            raise ValueError(f"Expected images (count, height, width, 3), got shape {tuple(images.shape)}.")
+        per_image = [
+            sliding_window_details(self, image, window, batch_size)
+            for image in ops.convert_to_numpy(images)
+        ]
+        patch = self.backbone.patch_size
+        out = {
+            key: np.asarray([d[key] for d in per_image])
+            for key in ("scores", "gflops", "gflops_with_auxiliary_heads", "dense_gflops")
+        }
+        out["num_windows"] = np.asarray([len(d["windows"]) for d in per_image])
+        tokens = (window.crop_size[0] // patch) * (window.crop_size[1] // patch)
+        out["alive_fraction"] = np.asarray([d["alive_counts"].mean(axis=0) / tokens for d in per_image])
+        return out
 
     # --- Training: compile, the loss and the logged metrics ---
 
@@ -532,11 +563,17 @@ class DToPSegmenter(ImageSegmenter):
             self.run_eagerly = False
             self.predict_function = self.test_function = None
 
-    def predict(self, x=None, batch_size=None, **kwargs):
+    def predict(self, x=None, batch_size=None, sliding_window=None, **kwargs):
         """Per-pixel class scores `(count, H, W, classes)` for raw images.
 
         Uses the pruned execution (`pruning_mode`, "gathered" by default).
+        sliding_window: a crop size, `(crop, stride)` or a
+        `keras_dtop.evaluation.SlidingWindow`: images of any size (an array
+        `(count, H, W, 3)`) are predicted window by window, each window
+        pruning on its own; overlaps are averaged.
         """
+        if sliding_window is not None:
+            return self.predict_details(x, batch_size or 8, sliding_window)["scores"]
         # Scores only, also when a callback predicts in the middle of `fit`.
         return self._with_eager_steps(
             self._with_loss_outputs,
@@ -564,6 +601,8 @@ class DToPSegmenter(ImageSegmenter):
             self._check_training_data(*validation_data[:2])
         elif validation_data is not None:
             self._check_training_data(validation_data, None)
+        if hasattr(x, "element_spec"):
+            kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself; Keras would warn
         if y is not None and kwargs.get("shuffle", True) and not kwargs.get("validation_split"):
             # keras-hub batches arrays in order; shuffle them each epoch as
             # `keras.Model.fit(shuffle=True)` promises.
@@ -573,7 +612,28 @@ class DToPSegmenter(ImageSegmenter):
             super().fit, x=x, y=y, validation_data=validation_data, **kwargs
         )
 
-    def evaluate(self, x=None, y=None, **kwargs):
+    def evaluate(self, x=None, y=None, sliding_window=None, **kwargs):
+        """`keras.Model.evaluate`, or the sliding-window protocol when asked.
+
+        sliding_window: a crop size, `(crop, stride)` or a
+        `keras_dtop.evaluation.SlidingWindow`: every image of `x` (a dataset
+        of `(images, labels)`, or arrays `x`, `y`) is predicted window by
+        window with per-window pruning, and a dict of metrics comes back
+        (`miou`, `pixel_accuracy`, `gflops` summed over windows,
+        `flops_saving`, `alive_stage_j`); no loss. For the full report use
+        `keras_dtop.evaluation.evaluate_segmentation`.
+        """
+        if sliding_window is not None:
+            from keras_dtop.evaluation import evaluate_segmentation
+
+            data = x if y is None else (x, y)
+            batch_size = kwargs.pop("batch_size", None) or 8
+            steps = kwargs.pop("steps", None)
+            if kwargs:
+                raise TypeError(f"evaluate(sliding_window=...) does not take {sorted(kwargs)}.")
+            if steps is not None and y is None:
+                data = data.take(steps)
+            return evaluate_segmentation(self, data, sliding_window, batch_size=batch_size).metrics()
         if not kwargs.get("_use_cached_eval_dataset", False):
             self._check_training_data(x, y, kwargs.get("sample_weight"))
         return self._with_eager_steps(

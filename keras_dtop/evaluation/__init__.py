@@ -1,0 +1,13 @@
+"""Evaluation: sliding-window inference and the accuracy/cost report."""
+
+from keras_dtop.evaluation.report import (
+    EvaluationReport,
+    confusion_matrix,
+    evaluate_segmentation,
+    iou_from_confusion,
+)
+from keras_dtop.evaluation.sliding_window import (
+    SlidingWindow,
+    sliding_window_details,
+    window_positions,
+)

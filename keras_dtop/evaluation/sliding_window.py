@@ -1,0 +1,122 @@
+"""Sliding-window inference for images larger than the training crop (design doc §4.5).
+
+Windows of `crop_size` step by `stride`; the last row and column of windows
+sit flush with the image border, so every pixel is covered; overlapping
+scores are averaged. Each window prunes on its own, so an image's GFLOPs are
+the sum over its windows. An image smaller than the crop in a side is padded
+to the crop with the mean colour (normalised 0) and the padding cut off.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_dtop.flops import segmenter_flops
+from keras_dtop.models.presets import IMAGENET_MEAN
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow:
+    """Window size and step, `(height, width)` each.
+
+    stride None: two thirds of the crop (341 for a 512 crop, the ADE20K
+    ViT-B setting of the paper's configs).
+    """
+
+    crop_size: tuple
+    stride: tuple = None
+
+    def __post_init__(self):
+        crop = _pair("crop_size", self.crop_size)
+        stride = tuple(max(1, round(c * 2 / 3)) for c in crop) if self.stride is None else self.stride
+        stride = _pair("stride", stride)
+        if any(s > c for s, c in zip(stride, crop)):
+            raise ValueError(f"stride {stride} larger than crop_size {crop} would leave pixels uncovered.")
+        object.__setattr__(self, "crop_size", crop)
+        object.__setattr__(self, "stride", stride)
+
+    @classmethod
+    def from_argument(cls, value):
+        """A `SlidingWindow` from itself, a crop size `(h, w)`/int, or `(crop, stride)`."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, int):
+            return cls((value, value))
+        value = tuple(value)
+        if len(value) == 2 and all(isinstance(v, (tuple, list)) for v in value):
+            return cls(tuple(value[0]), tuple(value[1]))
+        return cls(value)
+
+
+def _pair(name, value):
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or (height, width), got {value!r}.") from None
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be (height, width) with positive sides, got {value!r}.")
+    return pair
+
+
+def window_positions(height, width, window):
+    """`(top, left)` of every window over an `height` x `width` image, row by row."""
+    positions = []
+    for size, crop, stride in zip((height, width), window.crop_size, window.stride):
+        steps = max(size - crop + stride - 1, 0) // stride + 1
+        positions.append(sorted({max(min(i * stride, size - crop), 0) for i in range(steps)}))
+    return [(top, left) for top in positions[0] for left in positions[1]]
+
+
+def pad_pixel(model):
+    """The raw pixel that the model's preprocessor maps to 0 (its mean), per channel."""
+    converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
+    scale, offset = getattr(converter, "scale", None), getattr(converter, "offset", None)
+    if converter is None:
+        return np.zeros(3, "float32")  # the model takes normalised images
+    if scale is None or offset is None:
+        return np.asarray(IMAGENET_MEAN, "float32")
+    return -np.asarray(offset, "float32") / np.asarray(scale, "float32")
+
+
+def sliding_window_details(model, image, window, batch_size=8):
+    """Predict one image `(H, W, 3)` (raw pixels) window by window.
+
+    Returns a dict of NumPy arrays: `scores` `(H, W, classes)` averaged over
+    windows, `windows` `(n, 2)` their (top, left), `alive_counts` `(n,
+    stages)` per window, `gflops` and `gflops_with_auxiliary_heads` summed
+    over windows (scalars), and `dense_gflops` (the same windows without
+    pruning).
+    """
+    window = SlidingWindow.from_argument(window)
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"Expected one image (height, width, channels), got shape {image.shape}.")
+    height, width = image.shape[:2]
+    crop_h, crop_w = window.crop_size
+    positions = window_positions(height, width, window)
+    canvas = np.broadcast_to(pad_pixel(model), (crop_h, crop_w, image.shape[-1]))
+    crops = np.array(canvas, dtype="float32")[None].repeat(len(positions), axis=0)
+    for crop, (top, left) in zip(crops, positions):
+        part = image[top : top + crop_h, left : left + crop_w]
+        crop[: part.shape[0], : part.shape[1]] = part
+    details = model.predict_details(crops, batch_size=batch_size)
+    scores = np.zeros((height, width, model.num_classes), "float32")
+    hits = np.zeros((height, width, 1), "float32")
+    for window_scores, (top, left) in zip(details["scores"], positions):
+        h, w = min(crop_h, height - top), min(crop_w, width - left)
+        scores[top : top + h, left : left + w] += window_scores[:h, :w]
+        hits[top : top + h, left : left + w] += 1.0
+    tokens = (crop_h // model.backbone.patch_size) * (crop_w // model.backbone.patch_size)
+    dense = segmenter_flops(model, [[tokens] * len(model.stage_ends)], (crop_h, crop_w))[0]
+    return {
+        "scores": scores / hits,
+        "windows": np.asarray(positions, "int32"),
+        "alive_counts": details["alive_counts"],
+        "gflops": float(np.sum(details["gflops"])),
+        "gflops_with_auxiliary_heads": float(np.sum(details["gflops_with_auxiliary_heads"])),
+        "dense_gflops": float(dense) * len(positions) / 1e9,
+    }
