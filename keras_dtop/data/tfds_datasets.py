@@ -356,6 +356,9 @@ def tfds_dataset(
     (scene_parse150, voc, ...) raise a ValueError saying why.
     """
     spec = get_tfds_spec(name)
+    if training and read_config is None:
+        # Shuffled files in an order fixed by the seed, like the rest of the pipeline.
+        read_config = tfds.ReadConfig(shuffle_seed=pipeline_kwargs.get("seed", 0))
     raw = tfds_examples(
         name,
         split,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from keras_dtop.data.labels import IGNORE_INDEX, check_labels
-from keras_dtop.evaluation.sliding_window import SlidingWindow, sliding_window_details
+from keras_dtop.evaluation.sliding_window import SlidingWindow, sliding_window_batch
 from keras_dtop.flops import segmenter_flops
 
 
@@ -142,25 +142,24 @@ def evaluate_segmentation(
         check_labels(labels, num_classes, images.shape)
         if max_images is not None:
             images, labels = images[: max_images - images_seen], labels[: max_images - images_seen]
-        for image, label in zip(images, labels) if window else [(images, labels)]:
-            if window:
-                details = sliding_window_details(model, image, window, batch_size)
-                predictions, count = details["scores"].argmax(-1), len(details["windows"])
+        if window:
+            for details, label in zip(sliding_window_batch(model, images, window, batch_size), labels):
+                confusion += confusion_matrix(label, details["scores"].argmax(-1), num_classes)
                 gflops.append(details["gflops"])
                 gflops_aux.append(details["gflops_with_auxiliary_heads"])
                 dense.append(details["dense_gflops"])
-                tokens = _tokens(model, window.crop_size)
-            else:
-                details = model.predict_details(image, batch_size=batch_size)
-                predictions, count = details["scores"].argmax(-1), len(image)
-                gflops.extend(details["gflops"])
-                gflops_aux.extend(details["gflops_with_auxiliary_heads"])
-                tokens = _tokens(model, image.shape[1:3])
-                full = [[tokens] * len(model.stage_ends)]
-                dense.extend([segmenter_flops(model, full, image.shape[1:3])[0] / 1e9] * count)
-            confusion += confusion_matrix(label, predictions, num_classes)
-            alive.append(np.asarray(details["alive_counts"], "float64") / tokens)
-            windows += count
+                alive.append(details["alive_counts"] / _tokens(model, window.crop_size))
+                windows += len(details["windows"])
+        else:
+            details = model.predict_details(images, batch_size=batch_size)
+            confusion += confusion_matrix(labels, details["scores"].argmax(-1), num_classes)
+            gflops.extend(details["gflops"])
+            gflops_aux.extend(details["gflops_with_auxiliary_heads"])
+            tokens = _tokens(model, images.shape[1:3])
+            full = [[tokens] * len(model.stage_ends)]
+            dense.extend([segmenter_flops(model, full, images.shape[1:3])[0] / 1e9] * len(images))
+            alive.append(details["alive_counts"] / tokens)
+            windows += len(images)
         images_seen += len(images)
         if max_images is not None and images_seen >= max_images:
             break

@@ -91,32 +91,47 @@ def sliding_window_details(model, image, window, batch_size=8):
     over windows (scalars), and `dense_gflops` (the same windows without
     pruning).
     """
-    window = SlidingWindow.from_argument(window)
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"Expected one image (height, width, channels), got shape {image.shape}.")
-    height, width = image.shape[:2]
+    return sliding_window_batch(model, image[None], window, batch_size)[0]
+
+
+def sliding_window_batch(model, images, window, batch_size=8):
+    """`sliding_window_details` of every image of `(count, H, W, 3)`, as a list.
+
+    The windows of all images go through the model together, `batch_size`
+    at a time (each window still prunes on its own).
+    """
+    window = SlidingWindow.from_argument(window)
+    images = np.asarray(images)
+    count, height, width, channels = images.shape
     crop_h, crop_w = window.crop_size
     positions = window_positions(height, width, window)
-    canvas = np.broadcast_to(pad_pixel(model), (crop_h, crop_w, image.shape[-1]))
-    crops = np.array(canvas, dtype="float32")[None].repeat(len(positions), axis=0)
-    for crop, (top, left) in zip(crops, positions):
+    canvas = np.broadcast_to(pad_pixel(model), (crop_h, crop_w, channels)).astype("float32")
+    crops = np.empty((count * len(positions), crop_h, crop_w, channels), "float32")
+    for i, (image, (top, left)) in enumerate((im, p) for im in images for p in positions):
         part = image[top : top + crop_h, left : left + crop_w]
-        crop[: part.shape[0], : part.shape[1]] = part
+        crops[i] = canvas
+        crops[i, : part.shape[0], : part.shape[1]] = part
     details = model.predict_details(crops, batch_size=batch_size)
-    scores = np.zeros((height, width, model.num_classes), "float32")
-    hits = np.zeros((height, width, 1), "float32")
-    for window_scores, (top, left) in zip(details["scores"], positions):
-        h, w = min(crop_h, height - top), min(crop_w, width - left)
-        scores[top : top + h, left : left + w] += window_scores[:h, :w]
-        hits[top : top + h, left : left + w] += 1.0
     tokens = (crop_h // model.backbone.patch_size) * (crop_w // model.backbone.patch_size)
     dense = segmenter_flops(model, [[tokens] * len(model.stage_ends)], (crop_h, crop_w))[0]
-    return {
-        "scores": scores / hits,
-        "windows": np.asarray(positions, "int32"),
-        "alive_counts": details["alive_counts"],
-        "gflops": float(np.sum(details["gflops"])),
-        "gflops_with_auxiliary_heads": float(np.sum(details["gflops_with_auxiliary_heads"])),
-        "dense_gflops": float(dense) * len(positions) / 1e9,
-    }
+    results = []
+    for b in range(count):
+        rows = slice(b * len(positions), (b + 1) * len(positions))
+        scores = np.zeros((height, width, model.num_classes), "float32")
+        hits = np.zeros((height, width, 1), "float32")
+        for window_scores, (top, left) in zip(details["scores"][rows], positions):
+            h, w = min(crop_h, height - top), min(crop_w, width - left)
+            scores[top : top + h, left : left + w] += window_scores[:h, :w]
+            hits[top : top + h, left : left + w] += 1.0
+        results.append({
+            "scores": scores / hits,
+            "windows": np.asarray(positions, "int32"),
+            "alive_counts": details["alive_counts"][rows],
+            "gflops": float(np.sum(details["gflops"][rows])),
+            "gflops_with_auxiliary_heads": float(np.sum(details["gflops_with_auxiliary_heads"][rows])),
+            "dense_gflops": float(dense) * len(positions) / 1e9,
+        })  # fmt: skip
+    return results

@@ -452,16 +452,13 @@ class DToPSegmenter(ImageSegmenter):
         return details
 
     def _predict_sliding(self, images, batch_size, sliding_window):
-        from keras_dtop.evaluation import SlidingWindow, sliding_window_details
+        from keras_dtop.evaluation import SlidingWindow, sliding_window_batch
 
         window = SlidingWindow.from_argument(sliding_window)
         images = self._check_images(np.asarray(images))
         if len(images.shape) != 4:
             raise ValueError(f"Expected images (count, height, width, 3), got shape {tuple(images.shape)}.")
-        per_image = [
-            sliding_window_details(self, image, window, batch_size)
-            for image in ops.convert_to_numpy(images)
-        ]
+        per_image = sliding_window_batch(self, ops.convert_to_numpy(images), window, batch_size)
         patch = self.backbone.patch_size
         out = {
             key: np.asarray([d[key] for d in per_image])
