@@ -76,7 +76,7 @@ def scenes(split, count, size, seed, fine):
     if not fine:
         classes = COARSE[classes]
     return compose_canvases(
-        items, classes, count, size, items_per_image=(3, 6), scale_range=(1.0, 1.75), seed=seed
+        items, classes, count, size, items_per_image=(2, 4), scale_range=(1.5, 2.25), seed=seed
     )
 
 
@@ -97,6 +97,7 @@ def train(model, images, labels, steps, learning_rate, args, seed):
         base_scale=(4 * args.size, args.size),  # ratio 1 = the scenes' own scale
         seed=seed,
         repeat=True,
+        augment=not args.no_augment,
     )
     start = time.perf_counter()
     epochs = max(1, steps // 100)
@@ -139,6 +140,7 @@ def main():
     parser.add_argument("--head-lr-multiplier", type=float, default=1.0, help="the method uses 10")
     parser.add_argument("--threshold", type=float, default=0.9, help="p0 of the fine-tune")
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.8, 0.95, 0.99])
+    parser.add_argument("--no-augment", action="store_true", help="random crops only, no resize/flip/colour")
     parser.add_argument("--fine-classes", action="store_true", help="the 10 item classes, not 4 groups")
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script")
     parser.add_argument("--json", help="write the results here")
