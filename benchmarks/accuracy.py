@@ -4,8 +4,9 @@
     python benchmarks/accuracy.py                # ~30 min on 2 CPU cores
     python benchmarks/accuracy.py --quick        # a 2-minute smoke run
 
-Data: scenes of 3-6 Fashion-MNIST items (scaled, tinted) on smooth random
-backgrounds (`keras_dtop.data.canvas`), 11 classes (background + 10 items);
+Data: scenes of 2-4 Fashion-MNIST items (scaled 1.5-2.25x, tinted) on smooth random
+backgrounds (`keras_dtop.data.canvas`), 5 classes: background and 4 item groups (tops,
+trousers, footwear, bags; `--fine-classes`: the 10 item classes);
 training scenes use the training photographs, test scenes the test
 photographs (disjoint items). Training uses the method's augmentation
 (`keras_dtop.data.segmentation_pipeline`: random resize 0.5-2.0, class-balanced
@@ -100,8 +101,8 @@ def train(model, images, labels, steps, learning_rate, args, seed):
         augment=not args.no_augment,
     )
     start = time.perf_counter()
-    epochs = max(1, steps // 100)
-    history = model.fit(data, steps_per_epoch=steps // epochs, epochs=epochs, verbose=2)
+    epochs = max(1, round(steps / 100))
+    history = model.fit(data, steps_per_epoch=-(-steps // epochs), epochs=epochs, verbose=2)
     return time.perf_counter() - start, {k: float(v[-1]) for k, v in history.history.items()}
 
 

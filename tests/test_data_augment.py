@@ -159,3 +159,16 @@ def test_pipeline_rejects_bad_labels_and_settings():
     with pytest.raises(ValueError, match="unbatched"):
         batched = array_dataset(images, labels).batch(2)
         segmentation_pipeline(batched, num_classes=4, training=True)
+
+
+def test_augment_off_keeps_the_base_scale_and_refuses_augmentation_settings():
+    images, labels = np.zeros((2, 20, 40, 3), "uint8"), np.ones((2, 20, 40), "uint8")
+    ds = segmentation_pipeline(
+        array_dataset(images, labels), num_classes=2, training=True, batch_size=2,
+        crop_size=(32, 32), base_scale=(80, 40), augment=False,
+    )  # fmt: skip
+    _, y = next(iter(ds))
+    # 20x40 resized by exactly 2 to 40x80, then cropped: no padding anywhere.
+    assert np.all(y.numpy() == 1)
+    with pytest.raises(ValueError, match="augment=False ignores"):
+        segmentation_pipeline(array_dataset(images, labels), num_classes=2, training=True, augment=False, photometric=True)

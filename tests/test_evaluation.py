@@ -11,6 +11,7 @@ from keras_dtop.evaluation import (
     confusion_matrix,
     evaluate_segmentation,
     iou_from_confusion,
+    pad_pixel,
     sliding_window_details,
     window_positions,
 )
@@ -137,3 +138,42 @@ def test_bad_settings_are_named():
         evaluate_segmentation(tiny_segmenter(), (random_images(1), np.zeros((1, 64, 64), "int32")), class_names=["a"])
     with pytest.raises(ValueError, match="Labels must be in"):
         evaluate_segmentation(tiny_segmenter(), (random_images(1), np.full((1, 64, 64), 9, "int32")))
+
+
+def test_window_arguments_and_checks():
+    assert SlidingWindow.from_argument(64) == SlidingWindow((64, 64))
+    assert SlidingWindow.from_argument((64, 48)).crop_size == (64, 48)  # a flat pair is a crop
+    assert SlidingWindow.from_argument(((64, 64), (32, 32))).stride == (32, 32)
+    assert SlidingWindow.from_argument(np.int64(64)).crop_size == (64, 64)
+    assert SlidingWindow((512, 512)).stride == (341, 341)
+    model = tiny_segmenter()
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        sliding_window_details(model, random_images(1)[0], (60, 60))
+
+
+def test_padding_uses_the_preprocessors_mean_and_a_resizing_preprocessor_is_refused():
+    import keras_dtop
+
+    model = tiny_segmenter()
+    converter = keras_dtop.DToPImageConverter.from_mean_std(mean=(10.0, 20.0, 30.0), std=(2.0, 2.0, 2.0))
+    model.preprocessor = keras_dtop.DToPImageSegmenterPreprocessor(image_converter=converter)
+    np.testing.assert_allclose(pad_pixel(model), [10.0, 20.0, 30.0], rtol=1e-6)
+    image = np.random.default_rng(0).uniform(0, 255, (40, 64, 3)).astype("float32")
+    padded = np.concatenate([image, np.broadcast_to([10.0, 20.0, 30.0], (24, 64, 3))]).astype("float32")
+    slid = sliding_window_details(model, image, WINDOW)
+    np.testing.assert_allclose(slid["scores"], model.predict_details(padded[None])["scores"][0, :40], atol=1e-5)
+    resizing = keras_dtop.DToPImageConverter.from_mean_std(image_size=(32, 32))
+    model.preprocessor = keras_dtop.DToPImageSegmenterPreprocessor(image_converter=resizing)
+    with pytest.raises(ValueError, match="resizes images"):
+        sliding_window_details(model, image, WINDOW)
+
+
+def test_evaluation_in_small_batches_equals_one_pass(model):
+    images = random_images(5, 80, 96, seed=8)
+    labels = np.random.default_rng(1).integers(0, model.num_classes, (5, 80, 96)).astype("int32")
+    small = evaluate_segmentation(model, (images, labels), WINDOW, batch_size=3)
+    large = evaluate_segmentation(model, (images, labels), WINDOW, batch_size=64)
+    assert small.num_images == large.num_images == 5 and small.num_windows == 20
+    assert small.miou == pytest.approx(large.miou) and small.gflops == pytest.approx(large.gflops)
+    with pytest.raises(ValueError, match="needs labels"):
+        model.evaluate(images, sliding_window=WINDOW)

@@ -39,8 +39,8 @@ def rescale_size(height, width, scale):
     long_edge = tf.maximum(height, width)
     short_edge = tf.minimum(height, width)
     factor = tf.minimum(scale[0] / long_edge, scale[1] / short_edge)
-    new_h = tf.cast(tf.round(height * factor), tf.int32)
-    new_w = tf.cast(tf.round(width * factor), tf.int32)
+    new_h = tf.cast(tf.floor(height * factor + 0.5), tf.int32)  # mmcv rounds halves up
+    new_w = tf.cast(tf.floor(width * factor + 0.5), tf.int32)
     return tf.maximum(new_h, 1), tf.maximum(new_w, 1)
 
 

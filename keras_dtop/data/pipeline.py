@@ -14,12 +14,12 @@ from keras_dtop.data.labels import IGNORE_INDEX
 from keras_dtop.models.presets import IMAGENET_MEAN
 
 
-def _check_size(name, value):
+def _check_size(name, value, sides="(height, width)"):
     if value is None:
         return None
     size = tuple(int(v) for v in value)
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{name} must be (height, width) with positive sides, got {value!r}.")
+        raise ValueError(f"{name} must be {sides} with positive sides, got {value!r}.")
     return size
 
 
@@ -54,7 +54,8 @@ def segmentation_pipeline(
         (`keras_dtop.data.augment.train_augmentation`: random resize of
         `base_scale` by 0.5-2.0, class-balanced random crop of `crop_size`,
         flip, photometric distortion, padding) and batches of equal crops,
-        the last partial batch dropped. `augment=False` only crops/pads.
+        the last partial batch dropped. `augment=False` only resizes to the
+        base scale, crops and pads.
         `augment_kwargs` go to `train_augmentation` (e.g. `ratio_range`,
         `cat_max_ratio`, `photometric`).
     training=False: no randomness. Images are resized to `eval_size`
@@ -71,7 +72,7 @@ def segmentation_pipeline(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     crop_size = _check_size("crop_size", crop_size)
-    base_scale = _check_size("base_scale", base_scale)
+    base_scale = _check_size("base_scale", base_scale, "(long edge, short edge)")
     eval_size = _check_size("eval_size", eval_size)
     spec = raw.element_spec
     if not isinstance(spec, tuple) or len(spec) != 2:
@@ -94,8 +95,11 @@ def segmentation_pipeline(
         # One random int per example, different every epoch but fixed by `seed`.
         draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         if not augment:
+            if augment_kwargs:
+                raise ValueError(f"augment=False ignores augmentation settings {sorted(augment_kwargs)}.")
+            # Still at the base scale, as evaluation sees the data: resize by 1, crop, pad.
             augment_kwargs = dict(
-                ratio_range=None, flip_probability=0.0, photometric=False, cat_max_ratio=1.0
+                ratio_range=(1.0, 1.0), flip_probability=0.0, photometric=False, cat_max_ratio=1.0
             )
 
         def transform(example, draw):

@@ -8,6 +8,7 @@ from keras_dtop.evaluation.report import (
 )
 from keras_dtop.evaluation.sliding_window import (
     SlidingWindow,
+    pad_pixel,
     sliding_window_batch,
     sliding_window_details,
     window_positions,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from keras_dtop.data.labels import IGNORE_INDEX, check_labels
-from keras_dtop.evaluation.sliding_window import SlidingWindow, sliding_window_batch
+from keras_dtop.evaluation.sliding_window import SlidingWindow, sliding_window_batch, window_positions
 from keras_dtop.flops import segmenter_flops
 
 
@@ -101,12 +101,25 @@ def iou_from_confusion(confusion):
         return np.where(union > 0, intersection / union, np.nan)
 
 
-def _batches(data):
-    """Yield NumPy `(images, labels)` batches from a dataset or an `(images, labels)` pair."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        yield np.asarray(data[0]), np.asarray(data[1])
+def _batches(data, batch_size):
+    """Yield NumPy `(images, labels)` batches from a dataset, an iterable of batches, or a pair of arrays.
+
+    A pair of arrays `(images (N, H, W, 3), labels (N, H, W))` is cut into
+    batches of `batch_size` images.
+    """
+    if isinstance(data, tuple) and len(data) == 2 and np.ndim(data[0]) == 4:
+        images, labels = np.asarray(data[0]), np.asarray(data[1])
+        if len(images) != len(labels):
+            raise ValueError(f"Got {len(images)} images but {len(labels)} label maps.")
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size], labels[start : start + batch_size]
         return
     for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "Evaluation data must give (images, labels) batches, or be an (images, labels) "
+                f"pair of arrays; got an element of type {type(batch).__name__}."
+            )
         yield np.asarray(batch[0]), np.asarray(batch[1])
 
 
@@ -121,11 +134,14 @@ def evaluate_segmentation(
     """Evaluate `model` on `data`; returns an `EvaluationReport`.
 
     data: batched `tf.data.Dataset` / iterable of `(images (B, H, W, 3),
-        labels (B, H, W))`, raw pixels as `predict` takes, or one
-        `(images, labels)` pair of arrays.
+        labels (B, H, W))`, raw pixels as `predict` takes, or a tuple
+        `(images, labels)` of arrays. Labels are compared at the size the
+        images have here: a pipeline that resized images (`base_scale`)
+        resized its labels too (nearest), unlike mmsegmentation, which
+        resizes the scores back to the original labels.
     sliding_window: None predicts whole images (sides multiples of the patch
-        size); a `SlidingWindow`, a crop size or `(crop, stride)` slides
-        windows with per-window pruning.
+        size); a `SlidingWindow`, a crop size (int or `(h, w)`) or
+        `((h, w), (stride_h, stride_w))` slides windows with per-window pruning.
     class_names: names for the per-class table (default "class_i").
     batch_size: images (or windows) per model call.
     max_images: stop after this many images.
@@ -138,12 +154,19 @@ def evaluate_segmentation(
     confusion = np.zeros((num_classes, num_classes), "int64")
     gflops, gflops_aux, dense, alive = [], [], [], []
     windows, images_seen, start = 0, 0, time.perf_counter()
-    for images, labels in _batches(data):
+    for images, labels in _batches(data, batch_size):
         check_labels(labels, num_classes, images.shape)
         if max_images is not None:
             images, labels = images[: max_images - images_seen], labels[: max_images - images_seen]
         if window:
-            for details, label in zip(sliding_window_batch(model, images, window, batch_size), labels):
+            # About `batch_size` windows per call; one score map per image in flight.
+            per_call = max(1, batch_size // len(window_positions(*images.shape[1:3], window)))
+            results = [
+                details
+                for start in range(0, len(images), per_call)
+                for details in sliding_window_batch(model, images[start : start + per_call], window, batch_size)
+            ]
+            for details, label in zip(results, labels):
                 confusion += confusion_matrix(label, details["scores"].argmax(-1), num_classes)
                 gflops.append(details["gflops"])
                 gflops_aux.append(details["gflops_with_auxiliary_heads"])

@@ -8,6 +8,7 @@ to the crop with the mean colour (normalised 0) and the padding cut off.
 """
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -37,13 +38,18 @@ class SlidingWindow:
 
     @classmethod
     def from_argument(cls, value):
-        """A `SlidingWindow` from itself, a crop size `(h, w)`/int, or `(crop, stride)`."""
+        """A `SlidingWindow` from what `sliding_window=` arguments accept.
+
+        A `SlidingWindow`; a dict of its fields; a crop size (an int or
+        `(h, w)`, default stride); or `((h, w), (stride_h, stride_w))`. A flat
+        pair such as `(512, 341)` is a crop size, never crop and stride.
+        """
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, dict):
             return cls(**value)
-        if isinstance(value, int):
-            return cls((value, value))
+        if isinstance(value, numbers.Integral):
+            return cls((int(value), int(value)))
         value = tuple(value)
         if len(value) == 2 and all(isinstance(v, (tuple, list)) for v in value):
             return cls(tuple(value[0]), tuple(value[1]))
@@ -51,7 +57,7 @@ class SlidingWindow:
 
 
 def _pair(name, value):
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
         value = (value, value)
     try:
         pair = tuple(int(v) for v in value)
@@ -72,14 +78,32 @@ def window_positions(height, width, window):
 
 
 def pad_pixel(model):
-    """The raw pixel that the model's preprocessor maps to 0 (its mean), per channel."""
+    """The raw pixel that the model's preprocessor maps to 0, per channel (its mean).
+
+    A converter computes `x · scale + offset`, so this is
+    `-offset / scale` (0 without a preprocessor: the model takes normalised images).
+    """
     converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
-    scale, offset = getattr(converter, "scale", None), getattr(converter, "offset", None)
     if converter is None:
-        return np.zeros(3, "float32")  # the model takes normalised images
-    if scale is None or offset is None:
-        return np.asarray(IMAGENET_MEAN, "float32")
-    return -np.asarray(offset, "float32") / np.asarray(scale, "float32")
+        return np.zeros(3, "float32")
+    scale = 1.0 if converter.scale is None else np.asarray(converter.scale, "float32")
+    offset = 0.0 if converter.offset is None else np.asarray(converter.offset, "float32")
+    return np.broadcast_to(-offset / scale, (3,)).astype("float32")
+
+
+def check_window(model, window):
+    """Raise a ValueError if `model` cannot run windows of `window.crop_size` as they are."""
+    patch = model.backbone.patch_size
+    if any(c % patch for c in window.crop_size):
+        raise ValueError(
+            f"Sliding-window crop_size {window.crop_size} must be a multiple of the patch size {patch}."
+        )
+    converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
+    if getattr(converter, "image_size", None) is not None:
+        raise ValueError(
+            f"The model's preprocessor resizes images to {converter.image_size}; sliding windows "
+            "need scores at the window's own size. Use an image converter with image_size=None."
+        )
 
 
 def sliding_window_details(model, image, window, batch_size=8):
@@ -100,38 +124,49 @@ def sliding_window_details(model, image, window, batch_size=8):
 def sliding_window_batch(model, images, window, batch_size=8):
     """`sliding_window_details` of every image of `(count, H, W, 3)`, as a list.
 
-    The windows of all images go through the model together, `batch_size`
-    at a time (each window still prunes on its own).
+    The windows of all images go through the model `batch_size` at a time
+    (windows of different images share a call; each still prunes on its
+    own), and each chunk's scores are added to the images' sums at once, so
+    memory holds `batch_size` windows' scores plus one score map per image.
     """
     window = SlidingWindow.from_argument(window)
+    check_window(model, window)
     images = np.asarray(images)
     count, height, width, channels = images.shape
     crop_h, crop_w = window.crop_size
     positions = window_positions(height, width, window)
-    canvas = np.broadcast_to(pad_pixel(model), (crop_h, crop_w, channels)).astype("float32")
-    crops = np.empty((count * len(positions), crop_h, crop_w, channels), "float32")
-    for i, (image, (top, left)) in enumerate((im, p) for im in images for p in positions):
-        part = image[top : top + crop_h, left : left + crop_w]
-        crops[i] = canvas
-        crops[i, : part.shape[0], : part.shape[1]] = part
-    details = model.predict_details(crops, batch_size=batch_size)
+    jobs = [(b, top, left) for b in range(count) for top, left in positions]
+    fill = pad_pixel(model)
+    scores = np.zeros((count, height, width, model.num_classes), "float32")
+    hits = np.zeros((height, width, 1), "float32")
+    for top, left in positions:
+        hits[top : top + crop_h, left : left + crop_w] += 1.0
+    alive, gflops, gflops_aux = [], [], []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        crops = np.empty((len(chunk), crop_h, crop_w, channels), "float32")
+        for crop, (b, top, left) in zip(crops, chunk):
+            part = images[b, top : top + crop_h, left : left + crop_w]
+            crop[...] = fill
+            crop[: part.shape[0], : part.shape[1]] = part
+        details = model.predict_details(crops, batch_size=batch_size)
+        for window_scores, (b, top, left) in zip(details["scores"], chunk):
+            h, w = min(crop_h, height - top), min(crop_w, width - left)
+            scores[b, top : top + h, left : left + w] += window_scores[:h, :w]
+        alive.append(details["alive_counts"])
+        gflops.append(details["gflops"])
+        gflops_aux.append(details["gflops_with_auxiliary_heads"])
+    alive, gflops, gflops_aux = (np.concatenate(x).reshape(count, len(positions), -1) for x in (alive, gflops, gflops_aux))
     tokens = (crop_h // model.backbone.patch_size) * (crop_w // model.backbone.patch_size)
     dense = segmenter_flops(model, [[tokens] * len(model.stage_ends)], (crop_h, crop_w))[0]
-    results = []
-    for b in range(count):
-        rows = slice(b * len(positions), (b + 1) * len(positions))
-        scores = np.zeros((height, width, model.num_classes), "float32")
-        hits = np.zeros((height, width, 1), "float32")
-        for window_scores, (top, left) in zip(details["scores"][rows], positions):
-            h, w = min(crop_h, height - top), min(crop_w, width - left)
-            scores[top : top + h, left : left + w] += window_scores[:h, :w]
-            hits[top : top + h, left : left + w] += 1.0
-        results.append({
-            "scores": scores / hits,
+    return [
+        {
+            "scores": scores[b] / hits,
             "windows": np.asarray(positions, "int32"),
-            "alive_counts": details["alive_counts"][rows],
-            "gflops": float(np.sum(details["gflops"][rows])),
-            "gflops_with_auxiliary_heads": float(np.sum(details["gflops_with_auxiliary_heads"][rows])),
+            "alive_counts": alive[b],
+            "gflops": float(gflops[b].sum()),
+            "gflops_with_auxiliary_heads": float(gflops_aux[b].sum()),
             "dense_gflops": float(dense) * len(positions) / 1e9,
-        })  # fmt: skip
-    return results
+        }
+        for b in range(count)
+    ]

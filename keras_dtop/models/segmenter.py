@@ -1,6 +1,7 @@
 """DToPSegmenter: staged ViT segmentation with dynamic token pruning."""
 
 import inspect
+import itertools
 import math
 import numbers
 
@@ -425,8 +426,8 @@ class DToPSegmenter(ImageSegmenter):
         `gflops` `(count,)` (backbone + final head, the papers' count) and
         `gflops_with_auxiliary_heads` (what the pruned model really runs).
 
-        sliding_window: a crop size, `(crop, stride)` or
-        `keras_dtop.evaluation.SlidingWindow`: each image is predicted window
+        sliding_window: a crop size (int or `(h, w)`), `((h, w), (stride_h,
+        stride_w))` or a `keras_dtop.evaluation.SlidingWindow`: each image is predicted window
         by window (`sliding_window_details`), every window pruning on its own.
         Returns `scores` `(count, H, W, classes)`, `gflops`,
         `gflops_with_auxiliary_heads` and `dense_gflops` `(count,)` summed over
@@ -455,6 +456,11 @@ class DToPSegmenter(ImageSegmenter):
         from keras_dtop.evaluation import SlidingWindow, sliding_window_batch
 
         window = SlidingWindow.from_argument(sliding_window)
+        if hasattr(images, "element_spec") or not hasattr(images, "__len__"):
+            raise TypeError(
+                "predict(sliding_window=...) takes an image array (count, H, W, 3), not a dataset; "
+                "for a dataset use keras_dtop.evaluation.evaluate_segmentation."
+            )
         images = self._check_images(np.asarray(images))
         if len(images.shape) != 4:
             raise ValueError(f"Expected images (count, height, width, 3), got shape {tuple(images.shape)}.")
@@ -564,8 +570,8 @@ class DToPSegmenter(ImageSegmenter):
         """Per-pixel class scores `(count, H, W, classes)` for raw images.
 
         Uses the pruned execution (`pruning_mode`, "gathered" by default).
-        sliding_window: a crop size, `(crop, stride)` or a
-        `keras_dtop.evaluation.SlidingWindow`: images of any size (an array
+        sliding_window: a crop size (int or `(h, w)`), `((h, w), (stride_h,
+        stride_w))` or a `keras_dtop.evaluation.SlidingWindow`: images of any size (an array
         `(count, H, W, 3)`) are predicted window by window, each window
         pruning on its own; overlaps are averaged.
         """
@@ -612,8 +618,8 @@ class DToPSegmenter(ImageSegmenter):
     def evaluate(self, x=None, y=None, sliding_window=None, **kwargs):
         """`keras.Model.evaluate`, or the sliding-window protocol when asked.
 
-        sliding_window: a crop size, `(crop, stride)` or a
-        `keras_dtop.evaluation.SlidingWindow`: every image of `x` (a dataset
+        sliding_window: a crop size (int or `(h, w)`), `((h, w), (stride_h,
+        stride_w))` or a `keras_dtop.evaluation.SlidingWindow`: every image of `x` (a dataset
         of `(images, labels)`, or arrays `x`, `y`) is predicted window by
         window with per-window pruning, and a dict of metrics comes back
         (`miou`, `pixel_accuracy`, `gflops` summed over windows,
@@ -623,13 +629,19 @@ class DToPSegmenter(ImageSegmenter):
         if sliding_window is not None:
             from keras_dtop.evaluation import evaluate_segmentation
 
+            if y is None and hasattr(x, "shape"):
+                raise ValueError("evaluate(x, sliding_window=...) with an image array needs labels y.")
             data = x if y is None else (x, y)
             batch_size = kwargs.pop("batch_size", None) or 8
             steps = kwargs.pop("steps", None)
+            for ignored in ("verbose", "return_dict", "callbacks"):
+                kwargs.pop(ignored, None)  # the result is always a dict; no progress bar
             if kwargs:
                 raise TypeError(f"evaluate(sliding_window=...) does not take {sorted(kwargs)}.")
-            if steps is not None and y is None:
-                data = data.take(steps)
+            if steps is not None:
+                if y is not None:
+                    raise ValueError("steps applies to a dataset; with arrays, slice them instead.")
+                data = itertools.islice(data, steps)
             return evaluate_segmentation(self, data, sliding_window, batch_size=batch_size).metrics()
         if not kwargs.get("_use_cached_eval_dataset", False):
             self._check_training_data(x, y, kwargs.get("sample_weight"))
