@@ -4,3 +4,4 @@ from keras_dtop.convert.authors import (
     load_authors_state_dict,
     segmenter_from_authors_state_dict,
 )
+from keras_dtop.convert.checkpoints import read_state_dict, segmenter_from_authors_checkpoint

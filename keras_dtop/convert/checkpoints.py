@@ -1,0 +1,95 @@
+"""Read checkpoint files into `{name: NumPy array}` state dicts.
+
+Formats: PyTorch `.pth` / `.pt` / `.bin` (needs torch; mmsegmentation wraps
+the weights in `{"state_dict": ..., "meta": ...}`), NumPy `.npz` and
+`.safetensors` (needs the `safetensors` package). Wrappers (`state_dict`,
+`model`) and the `module.` prefix of data-parallel training are removed.
+"""
+
+import os
+
+import numpy as np
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def _unwrap(checkpoint):
+    while isinstance(checkpoint, dict):
+        inner = next((checkpoint[k] for k in WRAPPER_KEYS if isinstance(checkpoint.get(k), dict)), None)
+        if inner is None:
+            return checkpoint
+        checkpoint = inner
+    return checkpoint
+
+
+def _read_torch(path, trusted):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"Reading {path} needs PyTorch: pip install torch==2.13.0 (the CPU build), "
+            "or convert the checkpoint to .npz / .safetensors."
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as error:  # torch raises UnpicklingError and others for non-weight objects
+        if trusted:
+            raise
+        raise ValueError(
+            f"{path} holds Python objects besides tensors, which torch.load only reads with "
+            "weights_only=False. If you trust the file, pass trusted=True (it runs pickled "
+            f"code). torch said: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def read_state_dict(path, trusted=False):
+    """`{name: np.ndarray}` from a checkpoint file (see the module docstring).
+
+    trusted: let torch unpickle arbitrary objects (only for files you trust).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            checkpoint = {k: data[k] for k in data.files}
+    elif suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise ImportError(f"Reading {path} needs the safetensors package: pip install safetensors") from None
+        checkpoint = load_file(path)
+    elif suffix in TORCH_SUFFIXES:
+        checkpoint = _unwrap(_read_torch(path, trusted))
+    else:
+        raise ValueError(
+            f"Unknown checkpoint format {suffix!r} for {path}: use .pth/.pt/.bin, .npz or .safetensors."
+        )
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(checkpoint).__name__}).")
+    state = {}
+    for name, value in checkpoint.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            state[name[len("module.") :] if name.startswith("module.") else name] = value
+    if not state:
+        raise ValueError(f"{path} holds no arrays.")
+    return state
+
+
+def segmenter_from_authors_checkpoint(path, num_heads, head_num_heads, trusted=False, **segmenter_kwargs):
+    """`DToPSegmenter` from a checkpoint of the authors' mmsegmentation code (backbone + heads).
+
+    A `.pth` file as their training writes it (or its weights as .npz /
+    .safetensors). Sizes are read from the tensors; `num_heads` (backbone) and
+    `head_num_heads` (grading heads) are not stored and must be given.
+    Mismatched checkpoints raise a ValueError listing missing, unexpected and
+    mis-shaped keys.
+    """
+    from keras_dtop.convert.authors import segmenter_from_authors_state_dict
+
+    state = read_state_dict(path, trusted)
+    return segmenter_from_authors_state_dict(state, num_heads, head_num_heads, **segmenter_kwargs)
