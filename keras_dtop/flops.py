@@ -75,6 +75,18 @@ def dtop_flops(
     return total + 4.0 * num_classes * height * width
 
 
+def segmenter_tokens(model, image_size):
+    """Patch tokens of one `(H, W)` image for `model`'s backbone."""
+    patch = model.backbone.patch_size
+    return (int(image_size[0]) // patch) * (int(image_size[1]) // patch)
+
+
+def dense_segmenter_flops(model, image_size):
+    """FLOPs of one `(H, W)` image with every token alive (backbone + final head)."""
+    full = [[segmenter_tokens(model, image_size)] * len(model.stage_ends)]
+    return float(segmenter_flops(model, full, image_size)[0])
+
+
 def segmenter_flops(model, alive_counts, image_size, include_auxiliary_heads=False):
     """`dtop_flops` with the sizes read from a `DToPSegmenter`."""
     backbone = model.backbone

@@ -1,7 +1,7 @@
 """Datasets for DToP: tfds and folder pipelines, the method's augmentation, built-in sets.
 
-The `tf.data` parts load on first use, so `import keras_dtop` under JAX or
-PyTorch does not import TensorFlow.
+The pipelines load on first use, so `import keras_dtop` does not import
+tensorflow-datasets or PIL.
 """
 
 import importlib

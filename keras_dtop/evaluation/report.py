@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_dtop.data.labels import IGNORE_INDEX, check_labels
 from keras_dtop.evaluation.sliding_window import SlidingWindow, sliding_window_batch, window_positions
-from keras_dtop.flops import segmenter_flops
+from keras_dtop.flops import dense_segmenter_flops, segmenter_tokens
 
 
 @dataclasses.dataclass
@@ -171,17 +171,15 @@ def evaluate_segmentation(
                 gflops.append(details["gflops"])
                 gflops_aux.append(details["gflops_with_auxiliary_heads"])
                 dense.append(details["dense_gflops"])
-                alive.append(details["alive_counts"] / _tokens(model, window.crop_size))
+                alive.append(details["alive_counts"] / segmenter_tokens(model, window.crop_size))
                 windows += len(details["windows"])
         else:
             details = model.predict_details(images, batch_size=batch_size)
             confusion += confusion_matrix(labels, details["scores"].argmax(-1), num_classes)
             gflops.extend(details["gflops"])
             gflops_aux.extend(details["gflops_with_auxiliary_heads"])
-            tokens = _tokens(model, images.shape[1:3])
-            full = [[tokens] * len(model.stage_ends)]
-            dense.extend([segmenter_flops(model, full, images.shape[1:3])[0] / 1e9] * len(images))
-            alive.append(details["alive_counts"] / tokens)
+            dense.extend([dense_segmenter_flops(model, images.shape[1:3]) / 1e9] * len(images))
+            alive.append(details["alive_counts"] / segmenter_tokens(model, images.shape[1:3]))
             windows += len(images)
         images_seen += len(images)
         if max_images is not None and images_seen >= max_images:
@@ -211,7 +209,3 @@ def evaluate_segmentation(
         ),
     )
 
-
-def _tokens(model, image_size):
-    patch = model.backbone.patch_size
-    return (int(image_size[0]) // patch) * (int(image_size[1]) // patch)

@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from keras_dtop.flops import segmenter_flops
+from keras_dtop.flops import dense_segmenter_flops
 from keras_dtop.models.presets import IMAGENET_MEAN
 
 
@@ -157,8 +157,7 @@ def sliding_window_batch(model, images, window, batch_size=8):
         gflops.append(details["gflops"])
         gflops_aux.append(details["gflops_with_auxiliary_heads"])
     alive, gflops, gflops_aux = (np.concatenate(x).reshape(count, len(positions), -1) for x in (alive, gflops, gflops_aux))
-    tokens = (crop_h // model.backbone.patch_size) * (crop_w // model.backbone.patch_size)
-    dense = segmenter_flops(model, [[tokens] * len(model.stage_ends)], (crop_h, crop_w))[0]
+    dense = dense_segmenter_flops(model, window.crop_size)
     return [
         {
             "scores": scores[b] / hits,
@@ -166,7 +165,7 @@ def sliding_window_batch(model, images, window, batch_size=8):
             "alive_counts": alive[b],
             "gflops": float(gflops[b].sum()),
             "gflops_with_auxiliary_heads": float(gflops_aux[b].sum()),
-            "dense_gflops": float(dense) * len(positions) / 1e9,
+            "dense_gflops": dense * len(positions) / 1e9,
         }
         for b in range(count)
     ]

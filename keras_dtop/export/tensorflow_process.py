@@ -83,8 +83,10 @@ def run_export(export_format, model, path, options, input_signature, write, extr
 
 
 def export_in_tensorflow_process(export_format, model, path, options):
-    """Save `model` (unless it is a path) and export it with `keras-dtop export` under TF."""
-    check_source(model)
+    """Save `model` (unless it is a path) and export it with `keras-dtop export` under TF.
+
+    `model` was checked by `run_export` (`check_source`).
+    """
     with tempfile.TemporaryDirectory(prefix="keras_dtop_export_") as tmp:
         source = model
         if not isinstance(model, (str, os.PathLike)):

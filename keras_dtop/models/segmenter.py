@@ -11,7 +11,7 @@ from keras import ops
 from keras_hub.models import ImageSegmenter
 
 from keras_dtop.data.labels import check_labels, check_labels_in_dataset
-from keras_dtop.flops import segmenter_flops
+from keras_dtop.flops import segmenter_flops, segmenter_tokens
 from keras_dtop.layers.grading_head import GradingHead
 from keras_dtop.losses import IGNORE_INDEX, DToPLoss
 from keras_dtop.metrics import MeanIoU
@@ -465,13 +465,12 @@ class DToPSegmenter(ImageSegmenter):
         if len(images.shape) != 4:
             raise ValueError(f"Expected images (count, height, width, 3), got shape {tuple(images.shape)}.")
         per_image = sliding_window_batch(self, ops.convert_to_numpy(images), window, batch_size)
-        patch = self.backbone.patch_size
         out = {
             key: np.asarray([d[key] for d in per_image])
             for key in ("scores", "gflops", "gflops_with_auxiliary_heads", "dense_gflops")
         }
         out["num_windows"] = np.asarray([len(d["windows"]) for d in per_image])
-        tokens = (window.crop_size[0] // patch) * (window.crop_size[1] // patch)
+        tokens = segmenter_tokens(self, window.crop_size)
         out["alive_fraction"] = np.asarray([d["alive_counts"].mean(axis=0) / tokens for d in per_image])
         return out
 
