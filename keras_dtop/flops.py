@@ -45,11 +45,14 @@ def dtop_flops(
     head_num_layers=3,
     head_mlp_ratio=4.0,
     include_auxiliary_heads=False,
+    num_prefix_tokens=0,
 ):
     """FLOPs per image from the tokens each grading head saw.
 
     alive_counts: `(batch, stages)` tokens each head saw (`details["alive_counts"]`);
-    the blocks of stage j process as many tokens as head j sees. With
+    the blocks of stage j process as many tokens as head j sees, plus the
+    `num_prefix_tokens` prefix tokens (class token, registers) that every
+    block runs and no head grades. With
     `include_auxiliary_heads=False` the count is the README-comparable one
     (backbone + final head); True adds the auxiliary heads a pruned model runs.
     Returns `(batch,)`: float64 NumPy for host inputs, float32 for backend
@@ -64,7 +67,8 @@ def dtop_flops(
     total = counts[:, 0] * 0.0 + 3.0 * patch_size**2 * hidden_dim * tokens
     first = 0
     for stage, last in enumerate(stage_ends):
-        total += (last - first + 1) * vit_layer_flops(counts[:, stage], hidden_dim, mlp_ratio)
+        layer_tokens = counts[:, stage] + num_prefix_tokens
+        total += (last - first + 1) * vit_layer_flops(layer_tokens, hidden_dim, mlp_ratio)
         first = last + 1
         is_final = stage == len(stage_ends) - 1
         if is_final or include_auxiliary_heads:
@@ -103,4 +107,5 @@ def segmenter_flops(model, alive_counts, image_size, include_auxiliary_heads=Fal
         head_num_layers=model.head_num_layers,
         head_mlp_ratio=model.head_mlp_ratio,
         include_auxiliary_heads=include_auxiliary_heads,
+        num_prefix_tokens=backbone.num_prefix_tokens,
     )

@@ -261,3 +261,42 @@ def test_training_always_runs_masked():
         assert model.inference_mode(training=True) == "masked"
     model.pruning_enabled = False
     assert model.inference_mode() == "gathered"  # dense stages, no auxiliary heads
+
+
+def test_prefix_tokens_run_every_layer_ungraded_in_every_mode(monkeypatch):
+    # A class token and two registers (P = 3) with LayerScale: every pruned
+    # layout must give the masked reference's result, the heads grade the 36
+    # patch tokens only, and the prefix tokens reach every alive token.
+    backbone = tiny_backbone(
+        image_size=(96, 96), class_token=True, num_register_tokens=2, layer_scale_init=0.5
+    )
+    assert backbone.num_prefix_tokens == 3
+    model = tiny_segmenter(backbone, prune_threshold=0.5)
+    plan_exits(model, MIXED_PLAN)
+    images = random_images(4, 96, 96, seed=1)
+    want = _run(model, images, "masked")
+    assert want["alive_counts"][:, -1].tolist() == [36, 1, 11, 7]
+    assert want["heads"][0]["mask_logits"].shape == (4, 4, 36)
+    for mode, settings in (
+        ("gathered", {}),
+        ("capacity", {"stage_capacity": 1.0}),
+        ("gathered", {"token_bucket": 8}),
+    ):
+        _assert_same_result(_run(model, images, mode, **settings), want)
+    monkeypatch.setattr(execution, "ragged_supported", lambda: False)
+    _assert_same_result(_run(model, images, "gathered", token_bucket=None), want)
+    traced_run = traced(lambda x: model(x, training=False, return_details=True))
+    _assert_same_result(to_numpy(traced_run(images)), want)
+
+    # Changing only the prefix tokens changes the last stage's predictions of
+    # the image that kept a single token: it still attends to them.
+    table = backbone.patch_embedding.prefix_tokens
+    shift = np.random.default_rng(0).normal(size=tuple(table.shape)).astype("float32")
+    table.assign(table + shift)
+    moved = _run(model, images, "gathered")
+    last_alive = want["heads"][-1]["alive"][1]
+    change = moved["heads"][-1]["mask_logits"][1] - want["heads"][-1]["mask_logits"][1]
+    assert np.abs(change[:, last_alive]).min() > 1e-5
+    counts = want["alive_counts"]
+    no_prefix = tiny_segmenter(tiny_backbone(image_size=(96, 96)))
+    assert (segmenter_flops(model, counts, (96, 96)) > segmenter_flops(no_prefix, counts, (96, 96))).all()

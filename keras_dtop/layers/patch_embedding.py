@@ -4,31 +4,45 @@ import keras
 from keras import ops
 
 
-def bicubic_resize_matrix(out_size, in_size, dtype="float32"):
+POSITION_RESIZE_MODES = ("bicubic", "bicubic_antialias")
+
+
+def _cubic(x, a):
+    """Keys' cubic convolution kernel with coefficient `a`, zero for |x| >= 2."""
+    x = ops.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return ops.where(x < 1.0, near, ops.where(x < 2.0, far, 0.0))
+
+
+def bicubic_resize_matrix(out_size, in_size, dtype="float32", antialias=False):
     """`(out_size, in_size)` matrix applying 1-D bicubic resizing along an axis.
 
-    Matches PyTorch's `interpolate(mode="bicubic", align_corners=False)`
-    (cubic coefficient -0.75, half-pixel centres, edge taps clamped), which is
-    how the authors resize position embeddings. `out_size` may be a tensor,
-    so the same code works for dynamic shapes in TF graphs.
+    antialias False matches PyTorch's `interpolate(mode="bicubic",
+    align_corners=False)` (cubic coefficient -0.75, half-pixel centres, edge
+    taps clamped): how the authors, Hugging Face ViT and DINOv2 resize
+    position embeddings. antialias True matches `antialias=True` (coefficient
+    -0.5, the kernel widened by the scale when shrinking, taps past the edge
+    dropped and the rest renormalised): timm and DINOv2 with registers.
+    `out_size` may be a tensor, so the same code works for dynamic shapes in
+    TF graphs.
     """
-    a = -0.75
     out_f = ops.cast(out_size, "float32")
-    src = (ops.arange(out_size, dtype="float32") + 0.5) * (float(in_size) / out_f) - 0.5
+    scale = float(in_size) / out_f
+    if antialias:
+        centre = (ops.arange(out_size, dtype="float32") + 0.5) * scale
+        stretch = ops.maximum(scale, 1.0)
+        taps = ops.arange(in_size, dtype="float32") + 0.5
+        weights = _cubic((taps[None, :] - centre[:, None]) / stretch, -0.5)
+        matrix = weights / ops.sum(weights, axis=1, keepdims=True)
+        return ops.cast(matrix, dtype)
+    src = (ops.arange(out_size, dtype="float32") + 0.5) * scale - 0.5
     base = ops.floor(src)
     t = src - base
-
-    def near(x):  # |x| <= 1
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
-
-    weights = (far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t))
     matrix = 0.0
-    for offset, weight in zip((-1, 0, 1, 2), weights):
+    for offset in (-1, 0, 1, 2):
         tap = ops.clip(ops.cast(base, "int32") + offset, 0, in_size - 1)
-        matrix = matrix + ops.one_hot(tap, in_size, dtype="float32") * weight[:, None]
+        matrix = matrix + ops.one_hot(tap, in_size, dtype="float32") * _cubic(t - offset, -0.75)[:, None]
     return ops.cast(matrix, dtype)
 
 
@@ -57,16 +71,40 @@ class PatchEmbedding(keras.layers.Layer):
 
     A strided convolution embeds each p×p patch; a learned position embedding
     for a `grid_size` grid is added, resized bicubically when the input grid
-    differs (any h×w, non-square included). Tokens are in row-major order.
-    No class token (DToP drops it).
+    differs (any h×w, non-square included; `position_resize` picks PyTorch's
+    plain or antialiased bicubic). Tokens are in row-major order.
+
+    Prefix tokens (a class token, DINOv2's registers) are optional: the
+    `(num_prefix_tokens, hidden_dim)` weight `prefix_tokens` holds each one
+    with its position embedding already added (checkpoints store the two
+    apart; prefix positions are never resized, so the sum is the same model).
+    `with_prefix` puts them in front; `call` returns patch tokens only. The
+    authors' DToP drops the class token (`num_prefix_tokens=0`).
     """
 
-    def __init__(self, patch_size, hidden_dim, grid_size, num_channels=3, **kwargs):
+    def __init__(
+        self,
+        patch_size,
+        hidden_dim,
+        grid_size,
+        num_channels=3,
+        num_prefix_tokens=0,
+        position_resize="bicubic",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        if position_resize not in POSITION_RESIZE_MODES:
+            raise ValueError(
+                f"position_resize must be one of {POSITION_RESIZE_MODES}, got {position_resize!r}."
+            )
+        if int(num_prefix_tokens) < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}.")
         self.patch_size = int(patch_size)
         self.hidden_dim = int(hidden_dim)
         self.grid_size = tuple(int(g) for g in grid_size)
         self.num_channels = int(num_channels)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.position_resize = position_resize
         self.projection = keras.layers.Conv2D(
             self.hidden_dim,
             kernel_size=self.patch_size,
@@ -84,7 +122,21 @@ class PatchEmbedding(keras.layers.Layer):
             initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             name="position_embedding",
         )
+        if self.num_prefix_tokens:
+            self.prefix_tokens = self.add_weight(
+                shape=(self.num_prefix_tokens, self.hidden_dim),
+                initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+                name="prefix_tokens",
+            )
         self.built = True
+
+    def with_prefix(self, tokens):
+        """Patch tokens `(batch, N, D)` -> `(batch, P + N, D)`, the prefix tokens first."""
+        if not self.num_prefix_tokens:
+            return tokens
+        # Broadcast by addition: works for symbolic (None) batch sizes too.
+        prefix = ops.zeros_like(tokens[:, :1, :1]) + ops.cast(self.prefix_tokens, tokens.dtype)[None]
+        return ops.concatenate([prefix, tokens], axis=1)
 
     def position_embedding_for(self, grid_h, grid_w):
         """Position embeddings `(grid_h, grid_w, hidden_dim)`, resized if needed."""
@@ -92,8 +144,9 @@ class PatchEmbedding(keras.layers.Layer):
         static = isinstance(grid_h, int) and isinstance(grid_w, int)
         if static and (grid_h, grid_w) == self.grid_size:
             return table
-        rows = bicubic_resize_matrix(grid_h, self.grid_size[0], self.compute_dtype)
-        cols = bicubic_resize_matrix(grid_w, self.grid_size[1], self.compute_dtype)
+        antialias = self.position_resize == "bicubic_antialias"
+        rows = bicubic_resize_matrix(grid_h, self.grid_size[0], self.compute_dtype, antialias)
+        cols = bicubic_resize_matrix(grid_w, self.grid_size[1], self.compute_dtype, antialias)
         return ops.einsum("ih,jw,hwd->ijd", rows, cols, table)
 
     def call(self, images):
@@ -118,5 +171,7 @@ class PatchEmbedding(keras.layers.Layer):
             hidden_dim=self.hidden_dim,
             grid_size=self.grid_size,
             num_channels=self.num_channels,
+            num_prefix_tokens=self.num_prefix_tokens,
+            position_resize=self.position_resize,
         )
         return config

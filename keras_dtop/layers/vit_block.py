@@ -19,7 +19,9 @@ class DToPEncoderBlock(keras.layers.Layer):
     `ViTEncoderBlock` (`ln_1`, query/key/value/output `EinsumDense`, `ln_2`,
     MLP `dense_1`, `dense_2`), so `block.set_weights(hub_block.get_weights())`
     copies a keras-hub block one to one. Unlike keras-hub's block it adds
-    stochastic depth (`drop_path_rate`).
+    stochastic depth (`drop_path_rate`) and optional LayerScale (DINOv2: each
+    residual branch times a learned per-channel `layer_scale_1` /
+    `layer_scale_2`, created after the other weights).
 
     Args:
         hidden_dim: token width `D`.
@@ -29,6 +31,7 @@ class DToPEncoderBlock(keras.layers.Layer):
         attention_dropout: dropout on attention weights.
         drop_path_rate: probability of skipping a residual branch per sample.
         layer_norm_epsilon: LayerNorm epsilon (1e-6 in ViT).
+        layer_scale_init: None (no LayerScale) or the initial LayerScale value.
 
     Call arguments:
         x: `(batch, tokens, hidden_dim)`.
@@ -47,6 +50,7 @@ class DToPEncoderBlock(keras.layers.Layer):
         attention_dropout=0.0,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        layer_scale_init=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -61,6 +65,7 @@ class DToPEncoderBlock(keras.layers.Layer):
         self.attention_dropout = float(attention_dropout)
         self.drop_path_rate = float(drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
         self.head_dim = self.hidden_dim // self.num_heads
         policy = self.dtype_policy
         self.layer_norm_1 = keras.layers.LayerNormalization(
@@ -112,7 +117,21 @@ class DToPEncoderBlock(keras.layers.Layer):
         self.layer_norm_2.build(token_shape)
         self.mlp_dense_1.build(token_shape)
         self.mlp_dense_2.build((None, None, self.mlp_dim))
+        if self.layer_scale_init is not None:
+            init = keras.initializers.Constant(self.layer_scale_init)
+            self.layer_scale_1 = self.add_weight(
+                shape=(self.hidden_dim,), initializer=init, name="layer_scale_1"
+            )
+            self.layer_scale_2 = self.add_weight(
+                shape=(self.hidden_dim,), initializer=init, name="layer_scale_2"
+            )
         self.built = True
+
+    def _scale(self, h, which):
+        if self.layer_scale_init is None:
+            return h
+        gamma = self.layer_scale_1 if which == 1 else self.layer_scale_2
+        return h * ops.cast(gamma, h.dtype)
 
     def call(self, x, keep_mask=None, training=None):
         h = self.layer_norm_1(x)
@@ -123,7 +142,7 @@ class DToPEncoderBlock(keras.layers.Layer):
         logits = attention_logits(query, key, self.head_dim**-0.5)
         h = attend(logits, value, bias, self.attention_dropout_layer, training)
         h = self.dropout(self.output_dense(h), training=training)
-        x = x + self.drop_path(h, training=training)
+        x = x + self.drop_path(self._scale(h, 1), training=training)
         x = self._mlp_residual(x, training)
         if keep_mask is not None:
             x = ops.where(keep_mask[:, :, None], x, ops.zeros_like(x))
@@ -148,7 +167,7 @@ class DToPEncoderBlock(keras.layers.Layer):
         value = to_slots(self.value_dense(h))
         h = attend(attention_logits(query, key, self.head_dim**-0.5), value, bias)
         h = ops.reshape(h, (-1, self.num_heads, self.head_dim))
-        x = x + self.output_dense(gather_rows(h, row_slot)[None])
+        x = x + self._scale(self.output_dense(gather_rows(h, row_slot)[None]), 1)
         return self._mlp_residual(x, training=False)
 
     def call_ragged(self, x, counts):
@@ -172,12 +191,13 @@ class DToPEncoderBlock(keras.layers.Layer):
             outputs.append(attend(attention_logits(q, k, scale), v))
             start = start + count
         h = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=1)
-        x = x + self.output_dense(h)
+        x = x + self._scale(self.output_dense(h), 1)
         return self._mlp_residual(x, training=False)
 
     def _mlp_residual(self, x, training):
         h = self.mlp_dense_2(self.dropout(self.mlp_dense_1(self.layer_norm_2(x)), training=training))
-        return x + self.drop_path(self.dropout(h, training=training), training=training)
+        h = self._scale(self.dropout(h, training=training), 2)
+        return x + self.drop_path(h, training=training)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -192,5 +212,6 @@ class DToPEncoderBlock(keras.layers.Layer):
             attention_dropout=self.attention_dropout,
             drop_path_rate=self.drop_path_rate,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            layer_scale_init=self.layer_scale_init,
         )
         return config

@@ -1,4 +1,4 @@
-"""DToPBackbone: a plain ViT (no class token, no final norm) split into stages."""
+"""DToPBackbone: a plain ViT (no final norm, optional prefix tokens) split into stages."""
 
 import keras
 from keras_hub.models import Backbone
@@ -47,11 +47,18 @@ class DToPBackbone(Backbone):
     """Plain ViT backbone for DToP (design doc §2.1).
 
     Conv patch embedding, learned position embeddings resized bicubically to
-    the input grid (any h×w), pre-norm encoder blocks with exact GELU, no class
-    token and no final LayerNorm: the last head reads the last block's raw
-    output. Called as a model it runs densely: images `(batch, H, W, 3)` ->
-    tokens `(batch, H/p · W/p, hidden_dim)`. `DToPSegmenter` runs the same
-    layers stage by stage with pruning in between.
+    the input grid (any h×w), pre-norm encoder blocks with exact GELU and no
+    final LayerNorm: the last head reads the last block's raw output. The
+    authors' ViT has no prefix tokens; pretrained backbones may keep a class
+    token and DINOv2 registers in the sequence (`class_token`,
+    `num_register_tokens`): they run through every layer, every token attends
+    to them, and they are never graded or pruned.
+
+    Called as a model it runs densely: images `(batch, H, W, 3)` -> tokens
+    `(batch, P + H/p · W/p, hidden_dim)`, the P prefix tokens first.
+    `DToPSegmenter` runs the same layers stage by stage with pruning in
+    between. `from_pretrained` loads keras-hub, Hugging Face and timm ViT /
+    DINOv2 weights (`keras_dtop.convert.pretrained`).
 
     Args:
         patch_size: patch side p (16 for ViT-*/16).
@@ -65,7 +72,12 @@ class DToPBackbone(Backbone):
             Defaults to the authors' boundaries (`default_stage_ends`).
         drop_path_rate: stochastic depth, rising linearly to this over layers.
         dropout_rate, attention_dropout: dropout in the blocks.
-        layer_norm_epsilon: 1e-6 in ViT.
+        layer_norm_epsilon: 1e-6 in ViT (1e-12 in Hugging Face's ViT).
+        class_token: keep a class token in front of the patch tokens.
+        num_register_tokens: DINOv2 register tokens after the class token.
+        layer_scale_init: None, or LayerScale's initial value (DINOv2: 1e-5).
+        position_resize: "bicubic" (PyTorch's plain bicubic, the authors' and
+            Hugging Face's) or "bicubic_antialias" (timm, DINOv2 with registers).
         num_channels: image channels.
         image_shape: model input shape; `(None, None, 3)` accepts any size.
     """
@@ -83,6 +95,10 @@ class DToPBackbone(Backbone):
         dropout_rate=0.0,
         attention_dropout=0.0,
         layer_norm_epsilon=1e-6,
+        class_token=False,
+        num_register_tokens=0,
+        layer_scale_init=None,
+        position_resize="bicubic",
         num_channels=3,
         image_shape=(None, None, 3),
         dtype=None,
@@ -97,6 +113,8 @@ class DToPBackbone(Backbone):
         ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
+        if int(num_register_tokens) < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}.")
         image_size = tuple(int(s) for s in image_size)
         if len(image_size) != 2 or any(s % patch_size or s < patch_size for s in image_size):
             raise ValueError(
@@ -109,7 +127,14 @@ class DToPBackbone(Backbone):
 
         # === Layers ===
         self.patch_embedding = PatchEmbedding(
-            patch_size, hidden_dim, grid_size, num_channels, dtype=dtype, name="patch_embedding"
+            patch_size,
+            hidden_dim,
+            grid_size,
+            num_channels,
+            num_prefix_tokens=int(bool(class_token)) + int(num_register_tokens),
+            position_resize=position_resize,
+            dtype=dtype,
+            name="patch_embedding",
         )
         self.encoder_blocks = [
             DToPEncoderBlock(
@@ -120,6 +145,7 @@ class DToPBackbone(Backbone):
                 attention_dropout=attention_dropout,
                 drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
                 layer_norm_epsilon=layer_norm_epsilon,
+                layer_scale_init=layer_scale_init,
                 dtype=dtype,
                 name=f"encoder_block_{i}",
             )
@@ -128,7 +154,7 @@ class DToPBackbone(Backbone):
 
         # === Functional model (dense pass) ===
         images = keras.Input(shape=image_shape, name="images")
-        x = self.patch_embedding(images)
+        x = self.embed(images)
         for block in self.encoder_blocks:
             x = block(x)
         super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
@@ -145,6 +171,10 @@ class DToPBackbone(Backbone):
         self.dropout_rate = float(dropout_rate)
         self.attention_dropout = float(attention_dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.class_token = bool(class_token)
+        self.num_register_tokens = int(num_register_tokens)
+        self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
+        self.position_resize = position_resize
         self.num_channels = int(num_channels)
         self.image_shape = tuple(image_shape)
 
@@ -162,10 +192,36 @@ class DToPBackbone(Backbone):
             dropout_rate=self.dropout_rate,
             attention_dropout=self.attention_dropout,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            class_token=self.class_token,
+            num_register_tokens=self.num_register_tokens,
+            layer_scale_init=self.layer_scale_init,
+            position_resize=self.position_resize,
             num_channels=self.num_channels,
             image_shape=self.image_shape,
         )
         return config
+
+    @property
+    def num_prefix_tokens(self):
+        """P: tokens in front of the patch tokens (class token + registers)."""
+        return self.patch_embedding.num_prefix_tokens
+
+    def embed(self, images):
+        """Images `(batch, H, W, 3)` -> `(batch, P + h·w, hidden_dim)`, prefix tokens first."""
+        return self.patch_embedding.with_prefix(self.patch_embedding(images))
+
+    @classmethod
+    def from_pretrained(cls, source, image_size=None, stage_ends=None, **kwargs):
+        """A backbone with pretrained ViT / DINOv2 weights.
+
+        source: a keras-hub `ViTBackbone` (or its preset directory or name), a
+        Hugging Face `ViTModel` / `Dinov2Model` / `Dinov2WithRegistersModel`
+        folder (`config.json` + weights) or hub id, or a timm state-dict file
+        (`.safetensors`, `.pth`, `.npz`). See `keras_dtop.convert.pretrained`.
+        """
+        from keras_dtop.convert.pretrained import backbone_from_pretrained
+
+        return backbone_from_pretrained(source, image_size=image_size, stage_ends=stage_ends, **kwargs)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -33,6 +33,11 @@ Two ways to size the layouts:
 
 Outputs are the same full-length `(batch, classes, tokens)` tensors as the
 masked reference, so the grading rule, canvas and loss are shared.
+
+Prefix tokens (class token, registers; P = `backbone.num_prefix_tokens`)
+lead every image's sequence and are always alive: the layouts are built
+from `with_prefix_alive`, so the P prefix tokens hold each image's first P
+slots / rows, and the grading heads see the patch tokens only.
 """
 
 import math
@@ -85,6 +90,14 @@ def choose_layout(counts, num_tokens, bucket=1, ragged=False):
     return "packed", (slots, rows)
 
 
+def with_prefix_alive(alive, prefix):
+    """Alive mask of the whole sequence `(batch, P + tokens)`: prefix tokens always alive."""
+    if not prefix:
+        return alive
+    batch = ops.shape(alive)[0]
+    return ops.concatenate([ops.ones((batch, prefix), dtype="bool"), alive], axis=1)
+
+
 def capacity_priority(scores, threshold):
     """Who stays when a stage is over capacity: context tokens (best score above
     p0) first, then the other alive tokens, least confident first.
@@ -107,10 +120,12 @@ def compact_stage(model, static, sizes, *tensors):
     """One stage of pruned inference: blocks, grading head, exit decision.
 
     static: `(stage, layout, (height, width), next_capacity, grade)`; sizes:
-    the layout's capacities. grade False skips the grading head (a stage
-    that neither prunes nor reports). tensors: `(images,)` for stage 0, else
-    `(x, alive, canvas, exit_stage)` with x `(batch·tokens, dim)` holding
-    every alive token's features at its flat index.
+    the layout's capacities, prefix tokens included. grade False skips the
+    grading head (a stage that neither prunes nor reports). tensors:
+    `(images,)` for stage 0, else `(x, alive, canvas, exit_stage)` with x
+    `(batch·(P + tokens), dim)` holding every alive token's features (prefix
+    tokens first in each image) at its flat index, alive `(batch, tokens)`
+    for the patch tokens.
     Returns a dict: x, alive (for the next stage), exit_stage, forced_exits
     `(batch,)`, head (this head's outputs, full length), and scores
     `(batch, H, W, classes)` after the last stage.
@@ -122,31 +137,33 @@ def compact_stage(model, static, sizes, *tensors):
     blocks = backbone.encoder_blocks[first_layer : model.stage_ends[stage] + 1]
     head = model.grading_heads[stage]
     dim = backbone.hidden_dim
+    prefix = backbone.num_prefix_tokens
 
     if stage == 0:
-        x = backbone.patch_embedding(tensors[0])
-        batch, tokens = ops.shape(x)[0], ops.shape(x)[1]
+        x = backbone.embed(tensors[0])
+        batch, tokens = ops.shape(x)[0], ops.shape(x)[1] - prefix
         alive = ops.ones((batch, tokens), dtype="bool")
         canvas, exit_stage = None, ops.full((batch, tokens), last, dtype="int32")
     else:
         x_flat, alive, canvas, exit_stage = tensors
         batch, tokens = ops.shape(alive)[0], ops.shape(alive)[1]
+    sequence_alive = with_prefix_alive(alive, prefix)
 
     if layout == "dense":
         if stage > 0:
-            x = ops.reshape(x_flat, (batch, tokens, dim))
+            x = ops.reshape(x_flat, (batch, prefix + tokens, dim))
         if sizes:  # attention image by image (sizes = tokens per image), rows packed
             x = ops.reshape(x, (1, -1, dim))
             for block in blocks:
                 x = block.call_ragged(x, sizes)
-            x = ops.reshape(x, (batch, tokens, dim))
+            x = ops.reshape(x, (batch, prefix + tokens, dim))
         else:
             for block in blocks:
                 x = block(x, training=False)
-        grade_tokens = lambda: head(x, training=False)  # noqa: E731
+        grade_tokens = lambda: head(x[:, prefix:] if prefix else x, training=False)  # noqa: E731
         next_x = lambda: ops.reshape(x, (-1, dim))  # noqa: E731
     elif layout == "padded":
-        index = padded_layout(alive, sizes[0])
+        index = padded_layout(sequence_alive, sizes[0])
         x = gather_rows(x_flat, index["slot_token"])
         for block in blocks:
             x = block(x, keep_mask=index["slot_valid"], training=False)
@@ -155,7 +172,7 @@ def compact_stage(model, static, sizes, *tensors):
             gather_rows(ops.reshape(x, (-1, dim)), index["token_slot"]), (-1, dim)
         )
     elif layout in ("packed", "ragged"):
-        index = packed_layout(alive, sizes[1], sizes[0])
+        index = packed_layout(sequence_alive, sizes[1], sizes[0])
         x = gather_rows(x_flat, index["row_token"])[None]
         bias = None if layout == "ragged" else key_bias(index["slot_valid"], x.dtype)
         for block in blocks:
@@ -171,8 +188,11 @@ def compact_stage(model, static, sizes, *tensors):
     if layout != "dense":
 
         def grade_tokens():
-            presence, mask_slots = head(slotted, keep_mask=index["slot_valid"], training=False)
-            return presence, _slots_to_tokens(mask_slots, index["token_slot"], alive)
+            graded = index["slot_valid"]
+            if prefix:  # the prefix tokens hold each image's first slots
+                graded = graded & (ops.arange(ops.shape(graded)[1], dtype="int32") >= prefix)[None]
+            presence, mask_slots = head(slotted, keep_mask=graded, training=False)
+            return presence, _slots_to_tokens(mask_slots, index["token_slot"][:, prefix:], alive)
 
     if not grade:
         return {
@@ -227,6 +247,7 @@ def forward_compact(model, images, return_details, mode):
     shape = ops.shape(images)
     image_size = (shape[1], shape[2])
     num_tokens = (shape[1] // model.backbone.patch_size) * (shape[2] // model.backbone.patch_size)
+    prefix = model.backbone.num_prefix_tokens
     stages = len(model.stage_ends)
     capacities = model.stage_token_capacities(num_tokens) if mode == "capacity" else None
 
@@ -236,23 +257,26 @@ def forward_compact(model, images, return_details, mode):
         return (stage, layout, image_size, next_capacity, grade)
 
     batch = shape[0]
-    per_image = () if traced or batch == 1 else (num_tokens,) * batch
+    per_image = () if traced or batch == 1 else (prefix + num_tokens,) * batch
     out = run(static(0, "dense"), per_image, images)
     steps = [out]
     for stage in range(1, stages):
         alive = out["alive"]
         if mode == "capacity":
-            layout, sizes = "padded", (min(capacities[stage - 1], num_tokens),)
+            layout, sizes = "padded", (prefix + min(capacities[stage - 1], num_tokens),)
         elif traced and not model.prunes:
             layout, sizes = "dense", ()  # nothing exits: no gathers, static shapes
         elif traced:
             # At least one slot: a zero-length stage crashes TFLite's XNNPACK.
             most = ops.max(ops.sum(ops.cast(alive, "int32"), axis=-1))
-            layout, sizes = "padded", (ops.maximum(most, 1),)
+            layout, sizes = "padded", (ops.maximum(most, 1) + prefix,)
         else:
             counts = ops.convert_to_numpy(ops.sum(ops.cast(alive, "int32"), axis=-1))
             layout, sizes = choose_layout(
-                counts, num_tokens, model.resolved_token_bucket(num_tokens), ragged_supported()
+                counts + prefix,
+                prefix + num_tokens,
+                model.resolved_token_bucket(num_tokens),
+                ragged_supported(),
             )
         out = run(
             static(stage, layout),

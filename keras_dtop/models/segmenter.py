@@ -21,7 +21,7 @@ from keras_dtop.models.preprocessor import (
     DToPImageConverter,
     DToPImageSegmenterPreprocessor,
 )
-from keras_dtop.models.execution import forward_compact, compact_stage
+from keras_dtop.models.execution import compact_stage, forward_compact, with_prefix_alive
 from keras_dtop.models.stage_compiler import compile_stage_function
 from keras_dtop.optimizers import DToPAdamW
 
@@ -345,8 +345,9 @@ class DToPSegmenter(ImageSegmenter):
         shape = ops.shape(images)
         grid_h = shape[1] // self.backbone.patch_size
         grid_w = shape[2] // self.backbone.patch_size
-        x = self.backbone.patch_embedding(images)
-        batch, num_tokens = ops.shape(x)[0], ops.shape(x)[1]
+        x = self.backbone.embed(images)
+        prefix = self.backbone.num_prefix_tokens
+        batch, num_tokens = ops.shape(x)[0], ops.shape(x)[1] - prefix
 
         last = len(self.stage_ends) - 1
         alive = ops.ones((batch, num_tokens), dtype="bool")
@@ -362,7 +363,9 @@ class DToPSegmenter(ImageSegmenter):
             if not (stage == last or prune or training or return_details):
                 continue
             presence_logits, mask_logits = self.grading_heads[stage](
-                x, keep_mask=keep_mask, training=training
+                x[:, prefix:] if prefix else x,
+                keep_mask=None if keep_mask is None else alive,
+                training=training,
             )
             canvas, scores, exits = self.pruner(
                 presence_logits, mask_logits, canvas, alive, prune=prune, stage=stage
@@ -379,7 +382,7 @@ class DToPSegmenter(ImageSegmenter):
             if prune:
                 exit_stage = ops.where(exits, stage, exit_stage)
                 alive = alive & ~exits
-                keep_mask = alive
+                keep_mask = with_prefix_alive(alive, prefix)
 
         scores = self.score_map(heads[-1]["token_scores"], (shape[1], shape[2]))
         forced = ops.zeros((batch, len(heads)), dtype="int32")
