@@ -11,6 +11,16 @@ import re
 
 import numpy as np
 
+from keras_dtop.convert.weight_map import (
+    conv,
+    dense_entries as _dense,
+    heads_out,
+    load_weight_map,
+    norm_entries as _norm,
+    packed_attention_entries,
+    to_numpy as _to_numpy,
+)
+
 # Entries that exist in the authors' state dicts but carry no inference weights.
 IGNORED_KEYS = (
     re.compile(r"^backbone\.cls_token$"),
@@ -18,47 +28,15 @@ IGNORED_KEYS = (
 )
 
 
-def _linear(weight):
-    return np.transpose(weight)
-
-
-def _heads_in(weight, num_heads):
-    """torch `(out, in)` projection -> keras `(in, heads, head_dim)`."""
-    out_dim, in_dim = weight.shape
-    return np.transpose(weight).reshape(in_dim, num_heads, out_dim // num_heads)
-
-
-def _heads_out(weight, num_heads):
-    """torch `(out, in)` output projection -> keras `(heads, head_dim, out)`."""
-    out_dim, in_dim = weight.shape
-    return np.transpose(weight).reshape(num_heads, in_dim // num_heads, out_dim)
-
-
-def _norm(prefix, layer):
-    return [(f"{prefix}.weight", layer.gamma, None), (f"{prefix}.bias", layer.beta, None)]
-
-
-def _dense(prefix, layer):
-    return [(f"{prefix}.weight", layer.kernel, _linear), (f"{prefix}.bias", layer.bias, None)]
-
-
 def _packed_attention(prefix, layers, num_heads):
     """torch `nn.MultiheadAttention` (q, k, v stacked in `in_proj_*`, then
     `out_proj`) -> query/key/value/output `EinsumDense` layers, keras MHA layout."""
     query, key, value, output = layers
-    entries = []
-    for index, layer in enumerate((query, key, value)):
-
-        def weight(w, index=index):
-            return _heads_in(np.split(w, 3, axis=0)[index], num_heads)
-
-        def bias(b, index=index):
-            return np.split(b, 3, axis=0)[index].reshape(tuple(layer.bias.shape))
-
-        entries.append((f"{prefix}.in_proj_weight", layer.kernel, weight))
-        entries.append((f"{prefix}.in_proj_bias", layer.bias, bias))
+    entries = packed_attention_entries(
+        f"{prefix}.in_proj_weight", f"{prefix}.in_proj_bias", (query, key, value), num_heads
+    )
     entries.append(
-        (f"{prefix}.out_proj.weight", output.kernel, lambda w: _heads_out(w, num_heads))
+        (f"{prefix}.out_proj.weight", output.kernel, lambda w: heads_out(w, num_heads))
     )
     entries.append((f"{prefix}.out_proj.bias", output.bias, None))
     return entries
@@ -85,7 +63,7 @@ def _backbone(backbone):
         (
             "backbone.patch_embed.projection.weight",
             embedding.projection.kernel,
-            lambda w: np.transpose(w, (2, 3, 1, 0)),
+            conv,
         ),
         ("backbone.patch_embed.projection.bias", embedding.projection.bias, None),
         ("backbone.pos_embed", embedding.position_embedding, positions),
@@ -139,12 +117,6 @@ def authors_weight_map(segmenter):
     return entries
 
 
-def _to_numpy(value):
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def load_authors_state_dict(segmenter, state_dict):
     """Copy an authors'-code state dict (name -> array) into `segmenter`.
 
@@ -153,41 +125,7 @@ def load_authors_state_dict(segmenter, state_dict):
     otherwise a single ValueError lists the missing keys, the unexpected keys
     and the shape mismatches, and nothing is written.
     """
-    state_dict = {k: v for k, v in state_dict.items()}
-    entries = authors_weight_map(segmenter)
-    used = {name for name, _, _ in entries}
-    missing = sorted(name for name in used if name not in state_dict)
-    unexpected = sorted(
-        name
-        for name in state_dict
-        if name not in used and not any(p.match(name) for p in IGNORED_KEYS)
-    )
-    mismatched, values = [], []
-    for name, variable, transform in entries:
-        if name not in state_dict:
-            continue
-        value = _to_numpy(state_dict[name])
-        try:
-            value = value if transform is None else transform(value)
-        except ValueError:
-            value = None
-        target = tuple(variable.shape)
-        if value is None or tuple(value.shape) != target:
-            got = tuple(_to_numpy(state_dict[name]).shape)
-            mismatched.append(f"{name}: checkpoint {got} does not fit {variable.path} {target}")
-            continue
-        values.append((variable, value))
-    problems = []
-    if missing:
-        problems.append("missing keys: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    if mismatched:
-        problems.append("shape mismatches: " + "; ".join(dict.fromkeys(mismatched)))
-    if problems:
-        raise ValueError("State dict does not match the model.\n" + "\n".join(problems))
-    for variable, value in values:
-        variable.assign(value.astype(variable.dtype))
+    load_weight_map(authors_weight_map(segmenter), dict(state_dict), IGNORED_KEYS)
 
 
 def _count(state_dict, pattern):

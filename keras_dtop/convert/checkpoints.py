@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from keras_dtop.convert.weight_map import to_numpy
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -60,7 +62,12 @@ def read_state_dict(path, trusted=False):
             from safetensors.numpy import load_file
         except ImportError:
             raise ImportError(f"Reading {path} needs the safetensors package: pip install safetensors") from None
-        checkpoint = load_file(path)
+        try:
+            checkpoint = load_file(path)
+        except (TypeError, ValueError):  # bfloat16 has no NumPy dtype: read through torch
+            from safetensors.torch import load_file as load_torch_file
+
+            checkpoint = load_torch_file(path)
     elif suffix in TORCH_SUFFIXES:
         checkpoint = _unwrap(_read_torch(path, trusted))
     else:
@@ -72,7 +79,7 @@ def read_state_dict(path, trusted=False):
     state = {}
     for name, value in checkpoint.items():
         if hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
+            value = to_numpy(value)
         if isinstance(value, np.ndarray):
             state[name[len("module.") :] if name.startswith("module.") else name] = value
     if not state:

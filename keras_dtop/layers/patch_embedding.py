@@ -67,7 +67,7 @@ def check_image_shape(shape, patch_size, num_channels):
 
 @keras.saving.register_keras_serializable(package="keras_dtop")
 class PatchEmbedding(keras.layers.Layer):
-    """Images `(batch, H, W, channels)` -> tokens `(batch, H/p · W/p, hidden_dim)`.
+    """Images `(batch, H, W, channels)` -> tokens `(batch, P + H/p · W/p, hidden_dim)`.
 
     A strided convolution embeds each p×p patch; a learned position embedding
     for a `grid_size` grid is added, resized bicubically when the input grid
@@ -78,8 +78,8 @@ class PatchEmbedding(keras.layers.Layer):
     `(num_prefix_tokens, hidden_dim)` weight `prefix_tokens` holds each one
     with its position embedding already added (checkpoints store the two
     apart; prefix positions are never resized, so the sum is the same model).
-    `with_prefix` puts them in front; `call` returns patch tokens only. The
-    authors' DToP drops the class token (`num_prefix_tokens=0`).
+    They lead the output sequence. The authors' DToP drops the class token
+    (`num_prefix_tokens=0`).
     """
 
     def __init__(
@@ -130,10 +130,7 @@ class PatchEmbedding(keras.layers.Layer):
             )
         self.built = True
 
-    def with_prefix(self, tokens):
-        """Patch tokens `(batch, N, D)` -> `(batch, P + N, D)`, the prefix tokens first."""
-        if not self.num_prefix_tokens:
-            return tokens
+    def _with_prefix(self, tokens):
         # Broadcast by addition: works for symbolic (None) batch sizes too.
         prefix = ops.zeros_like(tokens[:, :1, :1]) + ops.cast(self.prefix_tokens, tokens.dtype)[None]
         return ops.concatenate([prefix, tokens], axis=1)
@@ -154,14 +151,15 @@ class PatchEmbedding(keras.layers.Layer):
         x = self.projection(ops.cast(images, self.compute_dtype))
         shape = ops.shape(x)
         x = x + self.position_embedding_for(shape[1], shape[2])[None]
-        return ops.reshape(x, (shape[0], shape[1] * shape[2], self.hidden_dim))
+        x = ops.reshape(x, (shape[0], shape[1] * shape[2], self.hidden_dim))
+        return self._with_prefix(x) if self.num_prefix_tokens else x
 
     def compute_output_shape(self, input_shape):
         check_image_shape(tuple(input_shape), self.patch_size, self.num_channels)
         _, height, width, _ = input_shape
         tokens = None
         if height is not None and width is not None:
-            tokens = (height // self.patch_size) * (width // self.patch_size)
+            tokens = self.num_prefix_tokens + (height // self.patch_size) * (width // self.patch_size)
         return (input_shape[0], tokens, self.hidden_dim)
 
     def get_config(self):

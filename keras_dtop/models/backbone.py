@@ -154,7 +154,7 @@ class DToPBackbone(Backbone):
 
         # === Functional model (dense pass) ===
         images = keras.Input(shape=image_shape, name="images")
-        x = self.embed(images)
+        x = self.patch_embedding(images)
         for block in self.encoder_blocks:
             x = block(x)
         super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
@@ -205,10 +205,6 @@ class DToPBackbone(Backbone):
     def num_prefix_tokens(self):
         """P: tokens in front of the patch tokens (class token + registers)."""
         return self.patch_embedding.num_prefix_tokens
-
-    def embed(self, images):
-        """Images `(batch, H, W, 3)` -> `(batch, P + h·w, hidden_dim)`, prefix tokens first."""
-        return self.patch_embedding.with_prefix(self.patch_embedding(images))
 
     @classmethod
     def from_pretrained(cls, source, image_size=None, stage_ends=None, **kwargs):

@@ -140,7 +140,7 @@ def compact_stage(model, static, sizes, *tensors):
     prefix = backbone.num_prefix_tokens
 
     if stage == 0:
-        x = backbone.embed(tensors[0])
+        x = backbone.patch_embedding(tensors[0])
         batch, tokens = ops.shape(x)[0], ops.shape(x)[1] - prefix
         alive = ops.ones((batch, tokens), dtype="bool")
         canvas, exit_stage = None, ops.full((batch, tokens), last, dtype="int32")

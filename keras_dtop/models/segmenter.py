@@ -345,7 +345,7 @@ class DToPSegmenter(ImageSegmenter):
         shape = ops.shape(images)
         grid_h = shape[1] // self.backbone.patch_size
         grid_w = shape[2] // self.backbone.patch_size
-        x = self.backbone.embed(images)
+        x = self.backbone.patch_embedding(images)
         prefix = self.backbone.num_prefix_tokens
         batch, num_tokens = ops.shape(x)[0], ops.shape(x)[1] - prefix
 
