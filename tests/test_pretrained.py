@@ -244,3 +244,18 @@ def test_segmenter_on_a_loaded_backbone_trains_and_round_trips(tmp_path_factory,
     np.testing.assert_allclose(
         restored.predict(images, verbose=0), segmenter.predict(images, verbose=0), atol=1e-5
     )
+
+
+def test_segmenter_from_pretrained_backbone_reads_the_normalisation(tmp_path_factory):
+    _, model, folder = _saved("vit", tmp_path_factory)
+    segmenter = keras_dtop.DToPSegmenter.from_pretrained_backbone(
+        folder, num_classes=5, drop_path_rate=0.1, prune_threshold=0.8, head_hidden_dim=16, head_num_heads=2
+    )
+    assert segmenter.backbone.drop_path_rate == 0.1 and segmenter.prune_threshold == 0.8
+    assert segmenter.stage_ends == (0, 1, 2)
+    converter = segmenter.preprocessor.image_converter
+    # Hugging Face ViT normalises with mean = std = 0.5: 255 -> 1, 0 -> -1.
+    pixels = np.array([[[[0.0, 127.5, 255.0]]]], "float32")
+    np.testing.assert_allclose(to_numpy(converter(pixels)), [[[[-1.0, 0.0, 1.0]]]], atol=1e-6)
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    assert segmenter.predict(images, verbose=0).shape == (1, 32, 32, 5)

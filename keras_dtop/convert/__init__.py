@@ -5,3 +5,4 @@ from keras_dtop.convert.authors import (
     segmenter_from_authors_state_dict,
 )
 from keras_dtop.convert.checkpoints import read_state_dict, segmenter_from_authors_checkpoint
+from keras_dtop.convert.pretrained import backbone_from_pretrained, pretrained_mean_std

@@ -103,3 +103,33 @@ def _from_keras_hub_preset(preset, options):
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})."
         ) from None
     return backbone_from_keras_hub(_hub_vit(hub, preset), **options)
+
+
+def pretrained_mean_std(source):
+    """Per-channel `(mean, std)` on the 0-255 scale that `source` was trained with.
+
+    A Hugging Face folder's `preprocessor_config.json` (`image_mean`,
+    `image_std`) where present; Hugging Face ViT without one: 0.5 / 0.5 (its
+    image processor's default); everything else: ImageNet's. timm state dicts
+    do not record it: pass mean/std for models trained otherwise (e.g. timm's
+    augreg ViTs use 0.5 / 0.5).
+    """
+    from keras_dtop.models.presets import IMAGENET_MEAN, IMAGENET_STD
+
+    folder = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if folder and os.path.isdir(folder):
+        path = os.path.join(folder, "preprocessor_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                config = json.load(f)
+            if "image_mean" in config and "image_std" in config:
+                return (
+                    tuple(255.0 * m for m in config["image_mean"]),
+                    tuple(255.0 * s for s in config["image_std"]),
+                )
+        config_path = os.path.join(folder, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                if json.load(f).get("model_type") == "vit":
+                    return (127.5,) * 3, (127.5,) * 3
+    return IMAGENET_MEAN, IMAGENET_STD

@@ -730,6 +730,36 @@ class DToPSegmenter(ImageSegmenter):
         return config
 
     @classmethod
+    def from_pretrained_backbone(
+        cls, source, num_classes, image_size=None, stage_ends=None, mean=None, std=None, **kwargs
+    ):
+        """A segmenter on a pretrained ViT / DINOv2 backbone, to fine-tune.
+
+        source: anything `DToPBackbone.from_pretrained` takes. The grading heads
+        are freshly initialised; `stage_ends` default to the rule for the
+        backbone's depth. mean/std (0-255 scale) default to the checkpoint's
+        own normalisation where it states one (`pretrained_mean_std`), else
+        ImageNet's. Keyword arguments that are `DToPBackbone.from_pretrained`
+        options or backbone settings (`keep_prefix_tokens`, `num_heads`,
+        `drop_path_rate`, `trusted`, ...) go to the backbone, the rest to the
+        segmenter.
+        """
+        from keras_dtop.convert.pretrained import pretrained_mean_std
+
+        backbone_args = set(inspect.signature(DToPBackbone.__init__).parameters)
+        backbone_args |= {"keep_prefix_tokens", "trusted"}
+        backbone_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in backbone_args}
+        backbone = DToPBackbone.from_pretrained(
+            source, image_size=image_size, stage_ends=stage_ends, **backbone_kwargs
+        )
+        default_mean, default_std = pretrained_mean_std(source)
+        converter = DToPImageConverter.from_mean_std(
+            default_mean if mean is None else mean, default_std if std is None else std
+        )
+        preprocessor = DToPImageSegmenterPreprocessor(image_converter=converter)
+        return cls(backbone=backbone, num_classes=num_classes, preprocessor=preprocessor, **kwargs)
+
+    @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Build a named architecture (`keras_dtop.presets`), randomly initialised.
 
