@@ -175,7 +175,7 @@ def _keras_hub_reference(hub, images):
     return to_numpy(x)
 
 
-def test_keras_hub_vit_backbone_matches():
+def test_keras_hub_vit_backbone_matches(tmp_path):
     from keras_hub.models import ViTBackbone
 
     hub = ViTBackbone(
@@ -187,6 +187,11 @@ def test_keras_hub_vit_backbone_matches():
     assert backbone.num_prefix_tokens == 1 and backbone.patch_embedding.grid_size == (4, 6)
     images = random_images(2, 32, 48)
     np.testing.assert_allclose(to_numpy(backbone(images)), _keras_hub_reference(hub, images), atol=1e-5, rtol=0)
+    # Through a keras-hub preset directory too.
+    preset = tmp_path / "hub_preset"
+    hub.save_to_preset(str(preset))
+    from_preset = keras_dtop.DToPBackbone.from_pretrained(preset)
+    np.testing.assert_allclose(to_numpy(from_preset(images)), to_numpy(backbone(images)), atol=1e-6)
     # Resized once at loading = resized at call time.
     resized = keras_dtop.DToPBackbone.from_pretrained(hub, image_size=(40, 24))
     images = random_images(1, 40, 24)
@@ -259,3 +264,24 @@ def test_segmenter_from_pretrained_backbone_reads_the_normalisation(tmp_path_fac
     np.testing.assert_allclose(to_numpy(converter(pixels)), [[[[-1.0, 0.0, 1.0]]]], atol=1e-6)
     images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     assert segmenter.predict(images, verbose=0).shape == (1, 32, 32, 5)
+
+
+def test_hub_names_download_a_folder_and_prefix_tokens_can_be_dropped(tmp_path_factory, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    _, model, folder = _saved("vit", tmp_path_factory)
+    asked = []
+
+    def fake_download(name, allow_patterns):  # no network here: serve the saved folder
+        asked.append(name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    for name in ("hf://org/tiny-vit", "org/tiny-vit"):
+        backbone = keras_dtop.DToPBackbone.from_pretrained(name, keep_prefix_tokens=False)
+        assert backbone.num_prefix_tokens == 0
+    assert asked == ["org/tiny-vit", "org/tiny-vit"]
+    images = random_images(1, 32, 32)
+    # Without the class token only the patch tokens run: same weights, other features.
+    features = to_numpy(backbone(images))
+    assert features.shape == (1, 16, 32)
+    assert np.abs(features - _hf_features(model, images)[:, 1:]).max() > 1e-3
