@@ -76,7 +76,9 @@ class DToPSegmenter(ImageSegmenter):
     of every predicted class stay as context): later layers and heads no longer
     see them and their mask logits freeze on a canvas. The output stitches
     every token's prediction from the stage where it exited, scaled by the
-    final head's class presence.
+    final head's class presence. A backbone's prefix tokens (class token,
+    registers) run through every block and every token attends to them, but
+    they are never graded or pruned: per-token outputs cover patch tokens only.
 
     Training runs the masked reference (`forward_stages`: static shapes,
     exited tokens excluded from attention and zeroed); inference by default
