@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import varied_images
+from conftest import set_threshold_between_tokens, varied_images
 from train_for_export import export_test_model, train_deterministically
 
 from keras_dtop.cli import main as cli_main
@@ -121,6 +121,20 @@ def test_every_token_confident_still_runs(tmp_path):
     outputs = LiteRTSegmenter(str(path))(images)
     np.testing.assert_array_equal(outputs["alive_tokens"], [[64, 1, 1]] * 2)
     np.testing.assert_array_equal(reference["alive_counts"], [[64, 1, 1]] * 2)
+    _assert_same_segmentation(outputs, reference)
+
+
+def test_prefix_tokens_export_and_prune_inside_tflite(tmp_path):
+    """A class token, two registers and LayerScale (a DINOv2-style backbone)."""
+    prefix = dict(class_token=True, num_register_tokens=2, layer_scale_init=0.5)
+    model = export_test_model(backbone_overrides=prefix)
+    set_threshold_between_tokens(model, varied_images(16, seed=2))
+    path = export_tflite(model, tmp_path / "prefix.tflite")
+    images = varied_images(4, seed=9)
+    reference = model.predict_details(images)
+    outputs = LiteRTSegmenter(str(path))(images)
+    assert (reference["alive_counts"][:, -1] < 64).any(), "p0 should prune some tokens"
+    np.testing.assert_array_equal(outputs["alive_tokens"], reference["alive_counts"])
     _assert_same_segmentation(outputs, reference)
 
 

@@ -14,13 +14,13 @@ from conftest import set_threshold_between_tokens, tiny_backbone, tiny_segmenter
 import keras_dtop
 
 
-def export_test_model(**overrides):
+def export_test_model(backbone_overrides=None, **overrides):
     """64x64 inputs, patch 8 (64 tokens), 4 layers in 3 stages, raw-pixel preprocessor."""
     converter = keras_dtop.DToPImageConverter.from_mean_std()
     preprocessor = keras_dtop.DToPImageSegmenterPreprocessor(image_converter=converter)
     config = dict(head_dropout=0.0, preprocessor=preprocessor)
     config.update(overrides)
-    return tiny_segmenter(tiny_backbone(patch_size=8), **config)
+    return tiny_segmenter(tiny_backbone(patch_size=8, **(backbone_overrides or {})), **config)
 
 
 def train_deterministically(model, steps=2):
