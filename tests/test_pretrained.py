@@ -220,6 +220,8 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path_factory, tmp_path):
     with pytest.raises(ValueError, match=r"unexpected keys: encoder\.layer\.2\."):
         keras_dtop.DToPBackbone.from_pretrained(broken)
     model.config.num_hidden_layers = 3
+    with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
+        keras_dtop.DToPBackbone.from_pretrained("checkpoints/missing.pth")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         keras_dtop.DToPBackbone.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="authors' mmsegmentation"):

@@ -13,7 +13,7 @@ Sources, tried in this order:
 import json
 import os
 
-from keras_dtop.convert.checkpoints import read_state_dict
+from keras_dtop.convert.checkpoints import TORCH_SUFFIXES, read_state_dict
 
 
 def _hub_vit(backbone, source):
@@ -82,6 +82,8 @@ def backbone_from_pretrained(source, image_size=None, stage_ends=None, trusted=F
         from keras_dtop.convert.timm import backbone_from_timm
 
         return backbone_from_timm(read_state_dict(path, trusted), **options)
+    if path.lower().endswith((".safetensors", ".npz", *TORCH_SUFFIXES)):
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
     if path.startswith("hf://") or (path.count("/") == 1 and not path.startswith((".", "/"))):
         from keras_dtop.convert.huggingface import backbone_from_huggingface
 
