@@ -287,3 +287,17 @@ def test_hub_names_download_a_folder_and_prefix_tokens_can_be_dropped(tmp_path_f
     features = to_numpy(backbone(images))
     assert features.shape == (1, 16, 32)
     assert np.abs(features - _hf_features(model, images)[:, 1:]).max() > 1e-3
+
+
+def test_checkpoints_without_qkv_biases_load_as_zero_biases(tmp_path):
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, qkv_bias=False,
+    )  # fmt: skip
+    model = _noisy(transformers.ViTModel(config))
+    model.save_pretrained(tmp_path)
+    assert "encoder.layer.0.attention.attention.query.bias" not in read_state_dict(tmp_path / "model.safetensors")
+    backbone = keras_dtop.DToPBackbone.from_pretrained(tmp_path)
+    assert not to_numpy(backbone.encoder_blocks[0].query_dense.bias).any()
+    images = random_images(2, 40, 56)
+    np.testing.assert_allclose(to_numpy(backbone(images)), _hf_features(model, images), atol=TOLERANCE)

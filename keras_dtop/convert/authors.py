@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_dtop.convert.weight_map import (
     conv,
+    count_indexed,
     dense_entries as _dense,
     heads_out,
     load_weight_map,
@@ -128,11 +129,6 @@ def load_authors_state_dict(segmenter, state_dict):
     load_weight_map(authors_weight_map(segmenter), dict(state_dict), IGNORED_KEYS)
 
 
-def _count(state_dict, pattern):
-    indices = {int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))}
-    return max(indices) + 1 if indices else 0
-
-
 def segmenter_from_authors_state_dict(
     state_dict, num_heads, head_num_heads, stage_ends=None, **segmenter_kwargs
 ):
@@ -153,7 +149,7 @@ def segmenter_from_authors_state_dict(
     backbone = DToPBackbone(
         patch_size=patch_size,
         hidden_dim=hidden_dim,
-        num_layers=_count(sd, r"backbone\.layers\.(\d+)\."),
+        num_layers=count_indexed(sd, r"backbone\.layers\.(\d+)\."),
         num_heads=num_heads,
         mlp_dim=sd["backbone.layers.0.ffn.layers.0.0.weight"].shape[0],
         image_size=(grid * patch_size, grid * patch_size),
@@ -166,7 +162,7 @@ def segmenter_from_authors_state_dict(
         num_classes=queries.shape[0],
         head_hidden_dim=queries.shape[1],
         head_num_heads=head_num_heads,
-        head_num_layers=_count(sd, r"decode_head\.decoder\.layers\.(\d+)\."),
+        head_num_layers=count_indexed(sd, r"decode_head\.decoder\.layers\.(\d+)\."),
         head_mlp_ratio=sd["decode_head.decoder.layers.0.linear1.weight"].shape[0] // queries.shape[1],
         **segmenter_kwargs,
     )

@@ -28,6 +28,7 @@ from keras_dtop.convert.weight_map import (
     dense_entries,
     load_weight_map,
     norm_entries,
+    zero_missing_biases,
 )
 
 MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")
@@ -181,38 +182,20 @@ def weight_map(backbone, model_type, checkpoint_grid):
             patch_positions(1, checkpoint_grid, backbone),
         ),
     ]
-    if not backbone.num_prefix_tokens:
-        pass  # the prefix tokens are dropped (keep_prefix_tokens=False)
-    elif backbone.num_register_tokens:
+    if backbone.num_prefix_tokens:  # 0 with keep_prefix_tokens=False
+        # The class token with its position row, then the registers (no position).
+        names = ("embeddings.cls_token", "embeddings.position_embeddings")
+        names += ("embeddings.register_tokens",) * bool(backbone.num_register_tokens)
         entries.append(
             (
-                ("embeddings.cls_token", "embeddings.position_embeddings", "embeddings.register_tokens"),
+                names,
                 embedding.prefix_tokens,
-                lambda cls, pos, reg: np.concatenate([cls[0] + pos[0, :1], reg[0]]),
-            )
-        )
-    else:
-        entries.append(
-            (
-                ("embeddings.cls_token", "embeddings.position_embeddings"),
-                embedding.prefix_tokens,
-                lambda cls, pos: cls[0] + pos[0, :1],
+                lambda cls, pos, *reg: np.concatenate([cls[0] + pos[0, :1], *(r[0] for r in reg)]),
             )
         )
     for i, block in enumerate(backbone.encoder_blocks):
         entries += _block_entries(f"encoder.layer.{i}", block, model_type)
     return entries
-
-
-def _zero_qkv_biases(state, config, num_layers, hidden):
-    # qkv_bias=False checkpoints store no biases: the same model with zero biases.
-    if config.get("qkv_bias", True):
-        return state
-    state = dict(state)
-    for i in range(num_layers):
-        for name in ("query", "key", "value"):
-            state.setdefault(f"encoder.layer.{i}.attention.attention.{name}.bias", np.zeros(hidden, "float32"))
-    return state
 
 
 def backbone_from_huggingface(
@@ -238,7 +221,8 @@ def backbone_from_huggingface(
     side = square_grid(positions.shape[1] - 1, f"{folder} embeddings.position_embeddings")
     grid = target_grid(image_size, architecture["patch_size"], (side, side))
     backbone = build_backbone(architecture, grid, stage_ends, overrides)
-    state = _zero_qkv_biases(state, config, backbone.num_layers, backbone.hidden_dim)
+    if not config.get("qkv_bias", True):  # the checkpoint stores no q, k, v biases
+        state = zero_missing_biases(state, r"encoder\.layer\.\d+\.attention\.attention\.\w+\.weight$")
     entries = weight_map(backbone, config["model_type"], (side, side))
     load_weight_map(entries, state, ignored, what=f"Hugging Face checkpoint {folder}")
     return backbone

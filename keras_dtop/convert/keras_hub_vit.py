@@ -54,9 +54,7 @@ def backbone_from_keras_hub(hub, image_size=None, stage_ends=None, keep_prefix_t
     positions = ops.convert_to_numpy(embedding.position_embedding.embeddings)
     patch_table = positions[int(has_class) :].reshape(*checkpoint_grid, -1)
     target = backbone.patch_embedding
-    target.position_embedding.assign(
-        resize_positions(patch_table, target.grid_size, target.position_resize == "bicubic_antialias")
-    )
+    target.position_embedding.assign(resize_positions(patch_table, target))
     target.projection.kernel.assign(embedding.patch_embedding.kernel)
     if embedding.use_patch_bias:
         target.projection.bias.assign(embedding.patch_embedding.bias)

@@ -13,23 +13,21 @@ token (DINOv2 checkpoints with registers) or none (`no_embed_class=True`);
 which one is read from its length.
 """
 
+import math
 import re
 
 import numpy as np
 
-from keras_dtop.convert.vit_layout import (
-    build_backbone,
-    patch_positions,
-    square_grid,
-    target_grid,
-)
+from keras_dtop.convert.vit_layout import build_backbone, patch_positions, target_grid
 from keras_dtop.convert.weight_map import (
     conv,
+    count_indexed,
     dense_entries,
     heads_out,
     load_weight_map,
     norm_entries,
     packed_attention_entries,
+    zero_missing_biases,
 )
 
 IGNORED = tuple(
@@ -38,22 +36,17 @@ IGNORED = tuple(
 HEAD_DIM = 64  # every timm ViT / DINOv2 size uses 64-wide attention heads
 
 
-def _count_blocks(state):
-    indices = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not indices:
-        raise ValueError("Not a timm ViT state dict: no blocks.{i}.* keys.")
-    return max(indices) + 1
-
-
 def _prefix_positions(state, num_prefix):
     """How many prefix tokens have a row in `pos_embed`, and the patch grid side."""
     length = state["pos_embed"].shape[1]
-    candidates = dict.fromkeys((num_prefix, 1 if "cls_token" in state else 0, 0))
-    for covered in candidates:
-        side = np.sqrt(length - covered)
-        if length > covered and side == int(side):
-            return covered, int(side)
-    square_grid(length, "timm pos_embed")  # raises with the length in the message
+    for covered in dict.fromkeys((num_prefix, 1 if "cls_token" in state else 0, 0)):
+        side = math.isqrt(max(length - covered, 0))
+        if side and side * side == length - covered:
+            return covered, side
+    raise ValueError(
+        f"timm pos_embed: {length} rows are no square grid of patches after "
+        f"{num_prefix}, 1 or 0 prefix-token rows."
+    )
 
 
 def architecture_from_state_dict(state, num_heads=None):
@@ -74,7 +67,7 @@ def architecture_from_state_dict(state, num_heads=None):
     return dict(
         patch_size=int(patch),
         hidden_dim=int(hidden),
-        num_layers=_count_blocks(state),
+        num_layers=count_indexed(state, r"blocks\.(\d+)\."),
         num_heads=int(num_heads) if num_heads else max(1, int(hidden) // HEAD_DIM),
         mlp_dim=int(state["blocks.0.mlp.fc1.weight"].shape[0]),
         layer_norm_epsilon=1e-6,
@@ -127,16 +120,6 @@ def weight_map(backbone, covered, checkpoint_grid):
     return entries
 
 
-def _zero_qkv_biases(state, num_layers):
-    # qkv_bias=False models store no qkv bias: the same model with zero biases.
-    state = dict(state)
-    for i in range(num_layers):
-        weight = state.get(f"blocks.{i}.attn.qkv.weight")
-        if weight is not None:
-            state.setdefault(f"blocks.{i}.attn.qkv.bias", np.zeros(weight.shape[0], "float32"))
-    return state
-
-
 def backbone_from_timm(
     state, image_size=None, stage_ends=None, num_heads=None, keep_prefix_tokens=True, **overrides
 ):
@@ -157,5 +140,6 @@ def backbone_from_timm(
     grid = target_grid(image_size, architecture["patch_size"], (side, side))
     backbone = build_backbone(architecture, grid, stage_ends, overrides)
     entries = weight_map(backbone, covered, (side, side))
-    load_weight_map(entries, _zero_qkv_biases(state, backbone.num_layers), ignored, what="timm state dict")
+    state = zero_missing_biases(state, r"blocks\.\d+\.attn\.qkv\.weight$")  # qkv_bias=False models
+    load_weight_map(entries, state, ignored, what="timm state dict")
     return backbone

@@ -24,9 +24,11 @@ def square_grid(num_positions, what):
     return side
 
 
-def resize_positions(table, grid, antialias):
-    """`(h, w, D)` position table -> `(grid_h, grid_w, D)`, bicubic as the backbone resizes."""
+def resize_positions(table, embedding):
+    """`(h, w, D)` position table -> `embedding`'s `(grid_h, grid_w, D)`, resized as it resizes."""
     table = np.asarray(table, dtype=np.float32)
+    grid = embedding.grid_size
+    antialias = embedding.position_resize == "bicubic_antialias"
     if tuple(table.shape[:2]) == tuple(grid):
         return table
     rows = ops.convert_to_numpy(bicubic_resize_matrix(grid[0], table.shape[0], antialias=antialias))
@@ -50,13 +52,10 @@ def target_grid(image_size, patch_size, checkpoint_grid):
 
 def patch_positions(num_prefix_positions, checkpoint_grid, backbone):
     """Transform: checkpoint `(1, prefix + h·w, D)` positions -> the backbone's patch table."""
-    embedding = backbone.patch_embedding
-    antialias = embedding.position_resize == "bicubic_antialias"
 
     def transform(positions):
         table = positions.reshape(-1, positions.shape[-1])[num_prefix_positions:]
-        table = table.reshape(*checkpoint_grid, -1)
-        return resize_positions(table, embedding.grid_size, antialias)
+        return resize_positions(table.reshape(*checkpoint_grid, -1), backbone.patch_embedding)
 
     return transform
 

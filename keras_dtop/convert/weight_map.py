@@ -9,16 +9,38 @@ of common torch modules: `Linear` weights are `(out, in)`, convolutions
 `load_weight_map` checks everything before writing anything.
 """
 
+import re
+
 import numpy as np
 
 
 def to_numpy(value):
     """A torch tensor, NumPy array or Keras variable -> NumPy array."""
     if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().float().numpy() if str(value.dtype) == "torch.bfloat16" else (
-            value.detach().cpu().numpy()
-        )
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # no NumPy bfloat16
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
+
+
+def count_indexed(state_dict, pattern):
+    """Number of numbered modules: 1 + the largest group-1 index of `pattern` over the keys (0 if none)."""
+    indices = {int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def zero_missing_biases(state_dict, weight_pattern):
+    """A copy of `state_dict` with a zero `.bias` beside every `weight_pattern` key that has none.
+
+    Bias-free projections (e.g. `qkv_bias=False`) are the same model as
+    projections with zero biases, which is what the encoder block has.
+    """
+    state_dict = dict(state_dict)
+    for key in [k for k in state_dict if re.match(weight_pattern, k)]:
+        bias = key[: -len("weight")] + "bias"
+        state_dict.setdefault(bias, np.zeros(state_dict[key].shape[0], "float32"))
+    return state_dict
 
 
 def linear(weight):

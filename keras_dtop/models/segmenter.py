@@ -59,6 +59,13 @@ def check_stage_capacity(value, num_pruning_heads):
     return tuple(checked)
 
 
+def _pop_backbone_kwargs(kwargs, extra=()):
+    """Remove and return the entries of `kwargs` that are `DToPBackbone` arguments (or in `extra`)."""
+    names = set(inspect.signature(DToPBackbone.__init__).parameters) - {"self", "kwargs"}
+    names |= set(extra)
+    return {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+
+
 def _shuffled_batches(images, labels, batch_size):
     import tensorflow as tf
 
@@ -748,9 +755,7 @@ class DToPSegmenter(ImageSegmenter):
         """
         from keras_dtop.convert.pretrained import pretrained_mean_std
 
-        backbone_args = set(inspect.signature(DToPBackbone.__init__).parameters)
-        backbone_args |= {"keep_prefix_tokens", "trusted"}
-        backbone_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in backbone_args}
+        backbone_kwargs = _pop_backbone_kwargs(kwargs, extra=("keep_prefix_tokens", "trusted"))
         backbone = DToPBackbone.from_pretrained(
             source, image_size=image_size, stage_ends=stage_ends, **backbone_kwargs
         )
@@ -776,11 +781,8 @@ class DToPSegmenter(ImageSegmenter):
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         spec = presets.PRESETS[preset]
         backbone_config = dict(spec["backbone"])
+        backbone_config.update(_pop_backbone_kwargs(kwargs))
         segmenter_config = dict(spec["segmenter"])
-        backbone_args = inspect.signature(DToPBackbone.__init__).parameters
-        for key in list(kwargs):
-            if key in backbone_args and key != "kwargs":
-                backbone_config[key] = kwargs.pop(key)
         segmenter_config.update(kwargs)
         backbone = DToPBackbone(**backbone_config)
         converter = DToPImageConverter.from_mean_std(**spec["preprocessor"])
