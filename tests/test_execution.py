@@ -8,8 +8,7 @@ from conftest import random_images, tiny_backbone, tiny_segmenter, to_numpy, tra
 from keras_dtop.flops import segmenter_flops
 from keras_dtop.layers.planned_exits import plan_exits
 from keras_dtop.layers.token_layout import gather_rows, packed_layout, padded_layout
-from keras_dtop.models import execution
-from keras_dtop.models.execution import choose_layout
+from keras_dtop.models.stage_runner import ExecutionPolicy, choose_layout
 
 # Image 0 keeps everything, image 1 a single token, the others in between.
 MIXED_PLAN = [[1.0, 1.0], [0.01, 0.01], [0.5, 0.3], [0.9, 0.2]]
@@ -69,7 +68,7 @@ def test_bucketed_capacities_never_drop_a_kept_token(bucket, ragged):
             assert counts.sum() <= sizes[1] <= batch * 256
         if layout == "ragged":
             assert sizes[2:] == tuple(counts) and ragged
-    assert choose_layout([256, 256], 256) == ("dense", (256, 256))
+    assert choose_layout([256, 256], 256) == ("dense", ())
     assert choose_layout([256], 256) == ("dense", ())
     assert choose_layout([200], 256, 64) == ("padded", (256,))
     assert choose_layout([250, 10, 10, 10], 256, 16) == ("packed", (256, 320))
@@ -114,12 +113,12 @@ def _assert_same_result(got, want):
         ("capacity", {"stage_capacity": 1.0}, True),
     ],
 )
-def test_pruned_modes_equal_the_masked_reference_on_a_mixed_batch(
-    mode, settings, ragged, monkeypatch
-):
-    if not ragged:
-        monkeypatch.setattr(execution, "ragged_supported", lambda: False)
+def test_pruned_modes_equal_the_masked_reference_on_a_mixed_batch(mode, settings, ragged):
     model = _mixed_model()
+    # ragged: per-image attention where dynamic shapes allow it; else packed, exact capacities.
+    model.execution_policy = ExecutionPolicy.for_backend(
+        **({"per_image_attention": True} if ragged else {"dynamic_shapes": False, "token_bucket": 1})
+    )
     images = random_images(4, 96, 96, seed=1)
     want = _run(model, images, "masked")
     assert want["alive_counts"][:, -1].tolist() == [36, 1, 11, 7]
@@ -263,7 +262,7 @@ def test_training_always_runs_masked():
     assert model.inference_mode() == "gathered"  # dense stages, no auxiliary heads
 
 
-def test_prefix_tokens_run_every_layer_ungraded_in_every_mode(monkeypatch):
+def test_prefix_tokens_run_every_layer_ungraded_in_every_mode():
     # A class token and two registers (P = 3) with LayerScale: every pruned
     # layout must give the masked reference's result, the heads grade the 36
     # patch tokens only, and the prefix tokens reach every alive token.
@@ -283,8 +282,12 @@ def test_prefix_tokens_run_every_layer_ungraded_in_every_mode(monkeypatch):
         ("gathered", {"token_bucket": 8}),
     ):
         _assert_same_result(_run(model, images, mode, **settings), want)
-    monkeypatch.setattr(execution, "ragged_supported", lambda: False)
-    _assert_same_result(_run(model, images, "gathered", token_bucket=None), want)
+    for per_image in (True, False):
+        # Per-image attention (ragged) and batched attention on padded slots (packed).
+        model.execution_policy = ExecutionPolicy.for_backend(per_image_attention=per_image)
+        _assert_same_result(_run(model, images, "gathered", token_bucket=None), want)
+    model.execution_policy = ExecutionPolicy.for_backend(dynamic_shapes=False)
+    _assert_same_result(_run(model, images, "gathered"), want)
     traced_run = traced(lambda x: model(x, training=False, return_details=True))
     _assert_same_result(to_numpy(traced_run(images)), want)
 

@@ -1,7 +1,7 @@
 """What every export format serves: raw images in; scores, labels and pruning facts out.
 
 The exported graph is the model's own inference pass traced under TensorFlow
-(`forward_compact` inside a graph): with `pruning_mode` "gathered" each stage
+(the stage engine inside a graph): with `pruning_mode` "gathered" each stage
 after the first runs on a dynamic number of alive tokens (the batch maximum,
 at least one), so an easy image costs less in the exported model too;
 "capacity" gives static shapes (fixed `stage_capacity`) for runtimes and

@@ -22,7 +22,8 @@ class PlannedExitPruner(TokenPruner):
     """`TokenPruner` whose exits follow `keep_fractions` `(max_batch, pruning_heads)`.
 
     The plan is a non-trainable variable, so `set_plan` takes effect without
-    recompiling. Batches may be smaller than `max_batch` (first rows used).
+    recompiling; installing the pruner changes the model's execution plan, so
+    programs built for the previous pruner are not reused. Batches may be smaller than `max_batch` (first rows used).
     """
 
     def __init__(self, max_batch, num_pruning_heads, **kwargs):
@@ -98,5 +99,4 @@ def plan_exits(model, keep_fractions, max_batch=None):
         )
         model.pruner = pruner
     pruner.set_plan(plan)
-    model._reset_compiled_functions()
     return pruner

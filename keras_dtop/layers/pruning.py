@@ -127,6 +127,10 @@ class TokenPruner(keras.layers.Layer):
         super().__init__(**kwargs)
         self.prune_threshold = prune_threshold
         self.keep_top_k = keep_top_k
+        # No weights to create. An unbuilt layer would make JAX's
+        # `predict_on_batch`/`test_on_batch` run the whole model once more
+        # on every call, to build it.
+        self.built = True
 
     @property
     def prune_threshold(self):

@@ -1,7 +1,7 @@
 """Index maps that move alive tokens between the full grid and compact layouts.
 
 Pruned inference runs a stage's blocks on the alive tokens only, in compact
-layouts (design doc §7.2-7.3; `keras_dtop.models.execution` picks one):
+layouts (design doc §7.2-7.3; `keras_dtop.models.stage_runner` picks one):
 
 - padded `(batch, slots, dim)`: the alive tokens of each image, in token
   order, then padding slots (masked out of attention). Used by attention and

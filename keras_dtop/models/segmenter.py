@@ -2,7 +2,6 @@
 
 import inspect
 import itertools
-import math
 import numbers
 
 import keras
@@ -21,16 +20,11 @@ from keras_dtop.models.preprocessor import (
     DToPImageConverter,
     DToPImageSegmenterPreprocessor,
 )
-from keras_dtop.models.execution import compact_stage, forward_compact, with_prefix_alive
-from keras_dtop.models.stage_compiler import compile_stage_function
+from keras_dtop.models.predict_loop import input_batches, predict_batches
+from keras_dtop.models.stage_runner import ExecutionPolicy, StageRunner
 from keras_dtop.optimizers import DToPAdamW
 
 PRUNING_MODES = ("auto", "gathered", "masked", "capacity")
-
-
-class _StageProgramCache:
-    # Plain holder so that Keras/TF trackers ignore the compiled program.
-    program = None
 
 
 def check_stage_capacity(value, num_pruning_heads):
@@ -87,14 +81,16 @@ class DToPSegmenter(ImageSegmenter):
     registers) run through every block and every token attends to them, but
     they are never graded or pruned: per-token outputs cover patch tokens only.
 
-    Training runs the masked reference (`forward_stages`: static shapes,
+    The stages run in a `StageRunner` (`keras_dtop.models.stage_runner`, the
+    `engine` attribute): training runs the masked reference (static shapes,
     exited tokens excluded from attention and zeroed); inference by default
-    runs each stage on its alive tokens only (`pruning_mode`,
-    `keras_dtop.models.execution`), with the same outputs.
+    runs each stage on its alive tokens only (`pruning_mode`), with the same
+    outputs. Settings are read at every call: a change to p0, k, the mode or
+    the capacities takes effect on the next call, compiled steps included.
 
     Unlike keras-hub's functional tasks this one is subclassed: the stages
     interleave backbone blocks with heads and exit decisions, the pruning
-    switches are Python values read at trace time, and the optional details
+    settings are Python values that select compiled programs, and the optional details
     are a nested dict. The backbone stays a functional keras-hub `Backbone`
     (its dense pass) whose layers this task runs stage by stage.
 
@@ -199,7 +195,8 @@ class DToPSegmenter(ImageSegmenter):
         self.head_dropout = float(head_dropout)
         self.head_layer_norm_epsilon = float(head_layer_norm_epsilon)
         self._pruning_enabled = bool(pruning_enabled)
-        self._stage_cache = _StageProgramCache()
+        self._engine = StageRunner(self)  # a plain object: Keras does not track it
+        self._function_settings = {}
         self.pruning_mode = pruning_mode
         self.stage_capacity = stage_capacity
         self.token_bucket = token_bucket
@@ -219,7 +216,6 @@ class DToPSegmenter(ImageSegmenter):
     @prune_threshold.setter
     def prune_threshold(self, value):
         self.pruner.prune_threshold = value  # validated by TokenPruner
-        self._reset_compiled_functions()
 
     @property
     def keep_top_k(self):
@@ -229,7 +225,6 @@ class DToPSegmenter(ImageSegmenter):
     @keep_top_k.setter
     def keep_top_k(self, value):
         self.pruner.keep_top_k = value  # validated by TokenPruner
-        self._reset_compiled_functions()
 
     @property
     def pruning_enabled(self):
@@ -239,7 +234,6 @@ class DToPSegmenter(ImageSegmenter):
     @pruning_enabled.setter
     def pruning_enabled(self, value):
         self._pruning_enabled = bool(value)
-        self._reset_compiled_functions()
 
     @property
     def pruning_mode(self):
@@ -251,7 +245,6 @@ class DToPSegmenter(ImageSegmenter):
         if value not in PRUNING_MODES:
             raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {value!r}.")
         self._pruning_mode = value
-        self._reset_compiled_functions()
 
     @property
     def stage_capacity(self):
@@ -261,7 +254,6 @@ class DToPSegmenter(ImageSegmenter):
     @stage_capacity.setter
     def stage_capacity(self, value):
         self._stage_capacity = check_stage_capacity(value, len(self.stage_ends) - 1)
-        self._reset_compiled_functions()
 
     @property
     def token_bucket(self):
@@ -275,69 +267,46 @@ class DToPSegmenter(ImageSegmenter):
         ):
             raise ValueError(f"token_bucket must be None or an int >= 1, got {value!r}.")
         self._token_bucket = None if value is None else int(value)
-        self._reset_compiled_functions()
 
-    def resolved_token_bucket(self, num_tokens):
-        if self._token_bucket is not None:
-            return self._token_bucket
-        return max(1, num_tokens // 16) if keras.backend.backend() == "jax" else 1
+    @property
+    def execution_policy(self):
+        """How this device runs pruned stages (`keras_dtop.models.ExecutionPolicy`).
+
+        Defaults to the backend's (`ExecutionPolicy.for_backend()`); set it to
+        fix a choice (e.g. `per_image_attention=False`) instead of measuring.
+        """
+        return self._engine.policy
+
+    @execution_policy.setter
+    def execution_policy(self, policy):
+        if not isinstance(policy, ExecutionPolicy):
+            raise TypeError(f"execution_policy must be an ExecutionPolicy, got {policy!r}.")
+        self._engine.policy = policy
+
+    @property
+    def engine(self):
+        """The `StageRunner` that runs this model's stages."""
+        return self._engine
 
     def stage_token_capacities(self, num_tokens):
         """Capacity mode: slots of every stage after the first, as ints in [1, tokens]."""
-        if self._stage_capacity is None:
-            raise ValueError(
-                "pruning_mode='capacity' needs stage_capacity: one int (tokens) or float "
-                f"(fraction of tokens) per pruning head ({len(self.stage_ends) - 1})."
-            )
-        return [
-            min(num_tokens, max(1, math.ceil(c * num_tokens) if isinstance(c, float) else c))
-            for c in self._stage_capacity
-        ]
+        return self._engine.stage_token_capacities(num_tokens)
 
     def inference_mode(self, training=False):
         """The execution a call with this `training` flag uses: "masked", "gathered" or "capacity"."""
-        if training or self._pruning_mode == "masked":
-            return "masked"
-        return "capacity" if self._pruning_mode == "capacity" and self.prunes else "gathered"
-
-    def stage_program(self):
-        """This backend's compiled `compact_stage` (built on first use)."""
-        if self._stage_cache.program is None:
-            self._stage_cache.program = compile_stage_function(
-                lambda *args: compact_stage(self, *args), self
-            )
-        return self._stage_cache.program
+        return self._engine.plan(training=training).mode
 
     @property
     def prunes(self):
         """Whether the auxiliary heads make exit decisions."""
-        return self._pruning_enabled and self.prune_threshold < 1.0 and len(self.stage_ends) > 1
-
-    def _reset_compiled_functions(self):
-        # p0, k and the on/off switch are Python values baked into traced
-        # functions: drop them so the next fit/evaluate/predict retraces.
-        self.train_function = None
-        self.test_function = None
-        self.predict_function = None
-        if hasattr(self, "_stage_cache"):
-            self._stage_cache.program = None
+        return self._engine.plan().prunes
 
     # --- Forward ---
 
     def call(self, images, training=None, return_details=None):
-        if return_details is None:
-            return_details = self._loss_outputs
-        mode = self.inference_mode(training)
-        if mode == "masked":
-            outputs = self.forward_stages(images, training=training, return_details=return_details)
-        else:
-            outputs = forward_compact(self, self._check_images(images), return_details, mode)
-        return outputs if return_details else outputs["scores"]
+        """Per-pixel scores, or (with `return_details`) a dict of every stage's outputs.
 
-    def forward_stages(self, images, training=None, return_details=True):
-        """Masked reference forward pass.
-
-        Returns a dict:
+        images: normalised `(batch, H, W, 3)`. The dict holds:
             scores: `(batch, H, W, classes)` per-pixel class scores.
             token_scores: `(batch, classes, tokens)` final per-token scores.
             heads: one dict per stage with `presence_logits (batch, classes, 2)`,
@@ -347,80 +316,36 @@ class DToPSegmenter(ImageSegmenter):
             exit_stage: int32 `(batch, h, w)`, 0-based stage each token exited
                 after (the last stage for tokens that never exited).
             alive_counts: int32 `(batch, stages)`, tokens each head saw.
-        Auxiliary heads are skipped when they can neither prune nor be
-        trained nor reported (inference with pruning off and no details).
+            forced_exits: int32 `(batch, stages)`, tokens a capacity forced out.
+        Training runs the masked reference; inference the `pruning_mode`
+        (`keras_dtop.models.stage_runner`). Auxiliary heads are skipped when
+        they can neither prune nor be trained nor reported.
         """
-        images = self._check_images(images)
-        shape = ops.shape(images)
-        grid_h = shape[1] // self.backbone.patch_size
-        grid_w = shape[2] // self.backbone.patch_size
-        x = self.backbone.patch_embedding(images)
-        prefix = self.backbone.num_prefix_tokens
-        batch, num_tokens = ops.shape(x)[0], ops.shape(x)[1] - prefix
-
-        last = len(self.stage_ends) - 1
-        alive = ops.ones((batch, num_tokens), dtype="bool")
-        keep_mask = None  # None: no token has exited yet (dense attention)
-        exit_stage = ops.full((batch, num_tokens), last, dtype="int32")
-        canvas, heads = None, []
-        first_layer = 0
-        for stage, last_layer in enumerate(self.stage_ends):
-            for block in self.backbone.encoder_blocks[first_layer : last_layer + 1]:
-                x = block(x, keep_mask=keep_mask, training=training)
-            first_layer = last_layer + 1
-            prune = stage < last and self.prunes
-            if not (stage == last or prune or training or return_details):
-                continue
-            presence_logits, mask_logits = self.grading_heads[stage](
-                x[:, prefix:] if prefix else x,
-                keep_mask=None if keep_mask is None else alive,
-                training=training,
-            )
-            canvas, scores, exits = self.pruner(
-                presence_logits, mask_logits, canvas, alive, prune=prune, stage=stage
-            )
-            heads.append(
-                {
-                    "presence_logits": presence_logits,
-                    "mask_logits": mask_logits,
-                    "canvas": canvas,
-                    "token_scores": scores,
-                    "alive": alive,
-                }
-            )
-            if prune:
-                exit_stage = ops.where(exits, stage, exit_stage)
-                alive = alive & ~exits
-                keep_mask = with_prefix_alive(alive, prefix)
-
-        scores = self.score_map(heads[-1]["token_scores"], (shape[1], shape[2]))
-        forced = ops.zeros((batch, len(heads)), dtype="int32")
-        return self.assemble_outputs(
-            scores, heads, exit_stage, (shape[1], shape[2]), return_details, forced
+        if return_details is None:
+            return_details = self._loss_outputs
+        outputs = self._engine.forward(
+            self._check_images(images), training=bool(training), details=return_details
         )
+        return outputs if return_details else outputs["scores"]
 
-    def score_map(self, token_scores, image_size):
-        """`(batch, classes, tokens)` -> bilinear `(batch, H, W, classes)` scores."""
-        height, width = image_size
-        patch = self.backbone.patch_size
-        batch = ops.shape(token_scores)[0]
-        token_map = ops.transpose(token_scores, (0, 2, 1))
-        token_map = ops.reshape(token_map, (batch, height // patch, width // patch, self.num_classes))
-        return ops.image.resize(token_map, (height, width), interpolation="bilinear", antialias=False)
+    # --- Keras' compiled step functions follow the settings ---
 
-    def assemble_outputs(self, scores, heads, exit_stage, image_size, return_details, forced):
-        """The dict every execution mode returns (see `forward_stages`)."""
-        outputs = {"scores": scores, "token_scores": heads[-1]["token_scores"]}
-        if return_details:
-            patch = self.backbone.patch_size
-            grid = (-1, image_size[0] // patch, image_size[1] // patch)
-            outputs["heads"] = heads
-            outputs["exit_stage"] = ops.reshape(exit_stage, grid)
-            outputs["alive_counts"] = ops.stack(
-                [ops.sum(ops.cast(h["alive"], "int32"), axis=-1) for h in heads], axis=1
-            )
-            outputs["forced_exits"] = forced
-        return outputs
+    def _settings_changed(self, kind):
+        # p0, k, mode and capacities are read when Keras traces a step
+        # function: rebuild it when they differ from that trace's.
+        settings = self._engine.plan(training=kind == "train")
+        changed = self._function_settings.get(kind) != settings
+        self._function_settings[kind] = settings
+        return changed
+
+    def make_train_function(self, force=False):
+        return super().make_train_function(force=self._settings_changed("train") or force)
+
+    def make_test_function(self, force=False):
+        return super().make_test_function(force=self._settings_changed("test") or force)
+
+    def make_predict_function(self, force=False):
+        return super().make_predict_function(force=self._settings_changed("predict") or force)
 
     def _check_images(self, images):
         if not hasattr(images, "shape") or not hasattr(images, "dtype"):
@@ -448,10 +373,8 @@ class DToPSegmenter(ImageSegmenter):
         """
         if sliding_window is not None:
             return self._predict_sliding(images, batch_size, sliding_window)
-        images = np.asarray(images)
         chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
+        for batch in input_batches(images, batch_size):
             if self.preprocessor is not None:
                 batch = self.preprocessor(batch)
             outputs = self(batch, training=False, return_details=True)
@@ -559,28 +482,16 @@ class DToPSegmenter(ImageSegmenter):
         finally:
             self._loss_outputs = previous
 
-    def _with_eager_steps(self, method, *args, **kwargs):
-        # "gathered" inference reads alive counts on the host between stages,
-        # each stage being its own compiled program: Keras' per-batch step
-        # must then run eagerly on TF and JAX (PyTorch always does).
-        if (
-            self.inference_mode(training=False) != "gathered"
-            or keras.backend.backend() == "torch"
-            or self.run_eagerly
-        ):
-            return method(*args, **kwargs)
-        self.run_eagerly = True
-        self.predict_function = self.test_function = None
-        try:
-            return method(*args, **kwargs)
-        finally:
-            self.run_eagerly = False
-            self.predict_function = self.test_function = None
+    def predict(
+        self, x=None, batch_size=None, verbose="auto", steps=None, callbacks=None, sliding_window=None
+    ):
+        """Per-pixel class scores `(count, H, W, classes)` (NumPy) for raw images.
 
-    def predict(self, x=None, batch_size=None, sliding_window=None, **kwargs):
-        """Per-pixel class scores `(count, H, W, classes)` for raw images.
-
-        Uses the pruned execution (`pruning_mode`, "gathered" by default).
+        x: an array `(count, H, W, 3)`, a list of such images, a
+        `tf.data.Dataset`, a `keras.utils.PyDataset` or an iterable of batches.
+        Batches run through the preprocessor and the pruned execution
+        (`pruning_mode`) one after the other (`keras_dtop.models.predict_loop`),
+        with Keras' callbacks and progress bar.
         sliding_window: a crop size (int or `(h, w)`), `((h, w), (stride_h,
         stride_w))` or a `keras_dtop.evaluation.SlidingWindow`: images of any size (an array
         `(count, H, W, 3)`) are predicted window by window, each window
@@ -588,20 +499,13 @@ class DToPSegmenter(ImageSegmenter):
         """
         if sliding_window is not None:
             return self.predict_details(x, batch_size or 8, sliding_window)["scores"]
-        # Scores only, also when a callback predicts in the middle of `fit`.
-        return self._with_eager_steps(
-            self._with_loss_outputs,
-            super().predict,
-            x=x,
-            batch_size=batch_size,
-            loss_outputs=False,
-            **kwargs,
-        )
+        return predict_batches(self, x, batch_size, verbose, steps, callbacks)
 
     def predict_on_batch(self, x):
-        return self._with_eager_steps(
-            self._with_loss_outputs, super().predict_on_batch, x, loss_outputs=False
-        )
+        """Scores `(batch, H, W, classes)` (NumPy) of one batch of raw images."""
+        if self.preprocessor is not None:
+            x = self.preprocessor(x)
+        return ops.convert_to_numpy(self(x, training=False, return_details=False))
 
     def fit(self, x=None, y=None, validation_data=None, **kwargs):
         """`keras.Model.fit` on images `(batch, H, W, 3)` and int labels `(batch, H, W)`.
@@ -656,9 +560,7 @@ class DToPSegmenter(ImageSegmenter):
             return evaluate_segmentation(self, data, sliding_window, batch_size=batch_size).metrics()
         if not kwargs.get("_use_cached_eval_dataset", False):
             self._check_training_data(x, y, kwargs.get("sample_weight"))
-        return self._with_eager_steps(
-            self._with_loss_outputs, super().evaluate, x=x, y=y, **kwargs
-        )
+        return self._with_loss_outputs(super().evaluate, x=x, y=y, **kwargs)
 
     def train_on_batch(self, x, y=None, **kwargs):
         self._check_training_data(x, y, kwargs.get("sample_weight"))
@@ -666,9 +568,7 @@ class DToPSegmenter(ImageSegmenter):
 
     def test_on_batch(self, x, y=None, **kwargs):
         self._check_training_data(x, y, kwargs.get("sample_weight"))
-        return self._with_eager_steps(
-            self._with_loss_outputs, super().test_on_batch, x, y, **kwargs
-        )
+        return self._with_loss_outputs(super().test_on_batch, x, y, **kwargs)
 
     def _check_training_data(self, x, y, sample_weight=None):
         if sample_weight is not None:

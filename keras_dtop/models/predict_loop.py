@@ -1,0 +1,86 @@
+"""`predict` over many batches, calling the stage engine eagerly.
+
+Pruned inference reads the alive counts on the host between stages, which
+Keras' compiled predict step (a JAX jit, a TensorFlow graph) cannot; so
+`DToPSegmenter.predict` walks the batches itself, with Keras' callbacks and
+progress bar, instead of switching Keras to eager execution per call.
+"""
+
+import keras
+import numpy as np
+
+
+def input_batches(x, batch_size=32, steps=None):
+    """Yield image batches (NumPy) from `x`.
+
+    x: an array or tensor `(count, H, W, C)` (sliced into `batch_size`), a
+    `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable of batches;
+    batches that are tuples `(images, labels, ...)` give their images.
+    steps: stop after this many batches.
+    """
+    if hasattr(x, "shape") and not hasattr(x, "element_spec"):
+        x = keras.ops.convert_to_numpy(x)
+        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+    elif hasattr(x, "element_spec"):
+        batches = x.as_numpy_iterator()
+    elif isinstance(x, keras.utils.PyDataset):
+        batches = (x[i] for i in range(len(x)))
+    elif isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape") and len(np.shape(x[0])) == 3:
+        yield from input_batches(np.stack([np.asarray(image) for image in x]), batch_size, steps)
+        return
+    elif hasattr(x, "__iter__"):
+        batches = iter(x)
+    else:
+        raise TypeError(
+            "predict takes images as an array (count, H, W, 3), a tf.data.Dataset, a "
+            f"keras.utils.PyDataset or an iterable of batches; got {type(x).__name__}."
+        )
+    for step, batch in enumerate(batches):
+        if steps is not None and step >= steps:
+            return
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        yield keras.ops.convert_to_numpy(batch)
+
+
+def count_batches(x, batch_size, steps):
+    """Number of batches `input_batches` yields, or None when unknown."""
+    if steps is not None:
+        return steps
+    if hasattr(x, "shape") and not hasattr(x, "element_spec"):
+        return -(-int(x.shape[0]) // batch_size)
+    if hasattr(x, "__len__"):
+        try:
+            return len(x)
+        except TypeError:
+            return None
+    return None
+
+
+def predict_batches(model, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+    """`model.predict`: per-pixel scores of every batch of `x`, concatenated (NumPy).
+
+    Each batch goes through the preprocessor and the stage engine (`model(batch,
+    training=False)`); callbacks get `on_predict_*` events as in Keras.
+    """
+    batch_size = batch_size or 32
+    if not isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks = keras.callbacks.CallbackList(
+            callbacks,
+            add_progbar=verbose != 0,
+            verbose=1 if verbose == "auto" else verbose,
+            epochs=1,
+            steps=count_batches(x, batch_size, steps),
+            model=model,
+        )
+    callbacks.on_predict_begin()
+    outputs = []
+    for step, batch in enumerate(input_batches(x, batch_size, steps)):
+        callbacks.on_predict_batch_begin(step)
+        scores = keras.ops.convert_to_numpy(model.predict_on_batch(batch))
+        outputs.append(scores)
+        callbacks.on_predict_batch_end(step, {"outputs": scores})
+    callbacks.on_predict_end()
+    if not outputs:
+        raise ValueError("predict got no images: the input yielded no batch.")
+    return np.concatenate(outputs, axis=0)
