@@ -303,3 +303,100 @@ def test_prefix_tokens_run_every_layer_ungraded_in_every_mode():
     counts = want["alive_counts"]
     no_prefix = tiny_segmenter(tiny_backbone(image_size=(96, 96)))
     assert (segmenter_flops(model, counts, (96, 96)) > segmenter_flops(no_prefix, counts, (96, 96))).all()
+
+
+class _CompileCounter:
+    """Counts JAX backend compilations (`jax.monitoring` events) while active."""
+
+    def __init__(self):
+        import jax
+
+        self.count, self.active = 0, False
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+def test_second_predict_with_the_same_shapes_compiles_and_traces_nothing():
+    model = _mixed_model()
+    images = random_images(4, 96, 96, seed=1)
+    counter = _CompileCounter() if keras.backend.backend() == "jax" else None
+    model.predict(images, batch_size=4, verbose=0)
+    model.predict_on_batch(images[:1])
+    traces = model.engine.trace_count
+    if keras.backend.backend() != "torch":  # PyTorch runs eagerly: nothing is traced
+        assert traces > 0
+    if counter is not None:
+        counter.active = True
+    again = model.predict(images, batch_size=4, verbose=0)
+    model.predict_on_batch(images[:1])
+    assert model.engine.trace_count == traces
+    if counter is not None:
+        assert counter.count == 0, f"{counter.count} JAX programs compiled on a repeated predict"
+    assert again.shape == (4, 96, 96, 4)
+
+
+def test_every_layer_is_built_so_keras_never_reruns_the_model_to_build_it():
+    # JAX's test_on_batch/predict_on_batch run the whole model once more on
+    # every call while any layer is unbuilt; the pruners have no state to build.
+    model = _mixed_model()
+    assert model.pruner.built
+    assert tiny_segmenter().pruner.built
+
+
+def test_settings_changed_anywhere_take_effect_on_the_next_call():
+    model = _mixed_model()
+    model.compile()
+    images = random_images(4, 96, 96, seed=1)
+    labels = np.zeros((4, 96, 96), "int32")
+    pruned_logs = model.evaluate(images, labels, batch_size=4, verbose=0, return_dict=True)
+    pruned = model.predict(images, batch_size=4, verbose=0)
+    assert pruned_logs["flops_saving"] > 0.1
+    model.pruner.prune_threshold = 1.0  # on the pruner itself, not the model's setter
+    dense_logs = model.evaluate(images, labels, batch_size=4, verbose=0, return_dict=True)
+    assert dense_logs["flops_saving"] == pytest.approx(0.0, abs=1e-6)
+    assert model.predict_details(images)["alive_counts"].min() == 36
+    model.pruner.keep_top_k = 0
+    model.pruner.prune_threshold = 0.5
+    again = model.evaluate(images, labels, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(again["flops_saving"], pruned_logs["flops_saving"], rtol=1e-5)
+    np.testing.assert_allclose(model.predict(images, batch_size=4, verbose=0), pruned, atol=1e-5)
+    assert model.run_eagerly is False
+
+
+def test_predict_takes_lists_datasets_and_calls_callbacks():
+    import tensorflow as tf
+
+    model = _mixed_model()
+    images = random_images(3, 96, 96, seed=1)
+    want = model.predict(images, batch_size=2, verbose=0)
+
+    class Count(keras.callbacks.Callback):
+        batches = 0
+
+        def on_predict_batch_end(self, batch, logs=None):
+            Count.batches += 1
+            assert logs["outputs"].shape[1:] == (96, 96, 4)
+
+    got = model.predict(list(images), batch_size=2, verbose=0, callbacks=[Count()])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert Count.batches == 2
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros((3, 96, 96), "int32"))).batch(2)
+    np.testing.assert_allclose(model.predict(dataset, verbose=0), want, atol=1e-5)
+    # (planned exits follow an image's place in its batch: same batches, same exits)
+    np.testing.assert_allclose(model.predict(images, batch_size=2, steps=1, verbose=0), want[:2], atol=1e-5)
+
+
+def test_dense_stages_measure_per_image_attention_once_and_match_batched():
+    model = tiny_segmenter(tiny_backbone(image_size=(96, 96)), pruning_enabled=False)
+    images = random_images(3, 96, 96, seed=2)
+    auto = to_numpy(model(images, training=False))
+    for per_image in (True, False):
+        model.execution_policy = ExecutionPolicy.for_backend(per_image_attention=per_image)
+        np.testing.assert_allclose(to_numpy(model(images, training=False)), auto, atol=1e-5)
+    from keras_dtop.models import stage_runner
+
+    measured = [key for key in stage_runner._ATTENTION_CHOICES if key[1:3] == (3, 36)]
+    assert len(measured) == 1
