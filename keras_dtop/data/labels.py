@@ -46,7 +46,7 @@ def check_labels_in_dataset(dataset, num_classes):
             "Expected a dataset of (images, labels) pairs, got elements of structure "
             f"{spec}."
         )
-    images_spec, labels_spec = spec[0], spec[1]
+    labels_spec = spec[1]
     if not labels_spec.dtype.is_integer:
         raise ValueError(
             f"Labels must be integer class ids, got dtype {labels_spec.dtype.name} in the dataset."

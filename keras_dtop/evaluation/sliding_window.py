@@ -13,7 +13,6 @@ import numbers
 import numpy as np
 
 from keras_dtop.flops import dense_segmenter_flops
-from keras_dtop.models.presets import IMAGENET_MEAN
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,7 +76,7 @@ def packed_layout(alive, rows, slots):
     """
     alive = ops.cast(alive, "bool")
     shape = ops.shape(alive)
-    batch, tokens = shape[0], shape[1]
+    tokens = shape[1]
     layout = padded_layout(alive, slots)
     alive_int = ops.cast(alive, "int32")
     counts = ops.sum(alive_int, axis=-1)

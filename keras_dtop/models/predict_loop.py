@@ -9,6 +9,9 @@ progress bar, instead of switching Keras to eager execution per call.
 import keras
 import numpy as np
 
+from keras_dtop.flops import segmenter_flops, segmenter_tokens
+from keras_dtop.models.settings import check_images
+
 
 def input_batches(x, batch_size=32, steps=None):
     """Yield image batches (NumPy) from `x`.
@@ -84,3 +87,46 @@ def predict_batches(model, x, batch_size=None, verbose="auto", steps=None, callb
     if not outputs:
         raise ValueError("predict got no images: the input yielded no batch.")
     return np.concatenate(outputs, axis=0)
+
+
+def predict_details(model, images, batch_size=8, sliding_window=None):
+    """`model.predict_details`: the engine's details of every batch, as NumPy, with GFLOPs."""
+    if sliding_window is not None:
+        return predict_details_sliding(model, images, batch_size, sliding_window)
+    chunks = []
+    for batch in input_batches(images, batch_size):
+        if model.preprocessor is not None:
+            batch = model.preprocessor(batch)
+        outputs = model(batch, training=False, return_details=True)
+        chunks.append(keras.tree.map_structure(keras.ops.convert_to_numpy, outputs))
+    details = keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
+    image_size = details["scores"].shape[1:3]
+    # Without pruning the auxiliary heads only run here, for the details.
+    for key, auxiliary in (("gflops", False), ("gflops_with_auxiliary_heads", model.prunes)):
+        flops = segmenter_flops(model, details["alive_counts"], image_size, auxiliary)
+        details[key] = flops / 1e9
+    return details
+
+
+def predict_details_sliding(model, images, batch_size, sliding_window):
+    """Details of images of any size, predicted window by window (summed/averaged per image)."""
+    from keras_dtop.evaluation import SlidingWindow, sliding_window_batch
+
+    window = SlidingWindow.from_argument(sliding_window)
+    if hasattr(images, "element_spec") or not hasattr(images, "__len__"):
+        raise TypeError(
+            "predict(sliding_window=...) takes an image array (count, H, W, 3), not a dataset; "
+            "for a dataset use keras_dtop.evaluation.evaluate_segmentation."
+        )
+    images = check_images(np.asarray(images))
+    if len(images.shape) != 4:
+        raise ValueError(f"Expected images (count, height, width, 3), got shape {tuple(images.shape)}.")
+    per_image = sliding_window_batch(model, keras.ops.convert_to_numpy(images), window, batch_size)
+    out = {
+        key: np.asarray([d[key] for d in per_image])
+        for key in ("scores", "gflops", "gflops_with_auxiliary_heads", "dense_gflops")
+    }
+    out["num_windows"] = np.asarray([len(d["windows"]) for d in per_image])
+    tokens = segmenter_tokens(model, window.crop_size)
+    out["alive_fraction"] = np.asarray([d["alive_counts"].mean(axis=0) / tokens for d in per_image])
+    return out

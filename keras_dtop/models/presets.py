@@ -3,7 +3,10 @@
 Defaults follow the design doc: ViT-B/16 at 512 with p0 = 0.9 and a 384-wide
 6-head grading head (ADE20K config), ViT-L/16 at 640 with p0 = 0.95 and a
 512-wide 8-head head. Tiny and Small are our additions at the ViT-B recipe.
+The builders below assemble a segmenter from a preset or a pretrained backbone.
 """
+
+import inspect
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -52,3 +55,56 @@ PRESETS = {
         1024, 24, 16, 0.3, 640, 512, 8, 0.95, HALF_RANGE, HALF_RANGE,
     ),
 }
+
+
+def pop_backbone_kwargs(kwargs, extra=()):
+    """Remove and return the entries of `kwargs` that are `DToPBackbone` arguments (or in `extra`)."""
+    from keras_dtop.models.backbone import DToPBackbone
+
+    names = set(inspect.signature(DToPBackbone.__init__).parameters) - {"self", "kwargs"}
+    names |= set(extra)
+    return {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+
+
+def _preprocessor(mean, std):
+    from keras_dtop.models.preprocessor import (
+        DToPImageConverter,
+        DToPImageSegmenterPreprocessor,
+    )
+
+    converter = DToPImageConverter.from_mean_std(mean, std)
+    return DToPImageSegmenterPreprocessor(image_converter=converter)
+
+
+def segmenter_from_preset(cls, preset, **kwargs):
+    """`cls.from_preset(preset)` for a name in `PRESETS`: random weights, kwargs override."""
+    from keras_dtop.models.backbone import DToPBackbone
+
+    spec = PRESETS[preset]
+    backbone_config = dict(spec["backbone"])
+    backbone_config.update(pop_backbone_kwargs(kwargs))
+    segmenter_config = dict(spec["segmenter"])
+    segmenter_config.update(kwargs)
+    return cls(
+        backbone=DToPBackbone(**backbone_config),
+        preprocessor=_preprocessor(**spec["preprocessor"]),
+        **segmenter_config,
+    )
+
+
+def segmenter_from_pretrained_backbone(
+    cls, source, num_classes, image_size=None, stage_ends=None, mean=None, std=None, **kwargs
+):
+    """`cls.from_pretrained_backbone(source, ...)`: pretrained backbone, fresh heads."""
+    from keras_dtop.convert.pretrained import pretrained_mean_std
+    from keras_dtop.models.backbone import DToPBackbone
+
+    backbone_kwargs = pop_backbone_kwargs(kwargs, extra=("keep_prefix_tokens", "trusted"))
+    backbone = DToPBackbone.from_pretrained(
+        source, image_size=image_size, stage_ends=stage_ends, **backbone_kwargs
+    )
+    default_mean, default_std = pretrained_mean_std(source)
+    preprocessor = _preprocessor(
+        default_mean if mean is None else mean, default_std if std is None else std
+    )
+    return cls(backbone=backbone, num_classes=num_classes, preprocessor=preprocessor, **kwargs)

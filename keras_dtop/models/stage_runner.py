@@ -226,7 +226,7 @@ class StageRunner:
     # --- The forward pass ---
 
     def forward(self, images, training=False, details=False):
-        """Outputs of one pass (see `DToPSegmenter.forward_stages`)."""
+        """Outputs of one pass: the dict `DToPSegmenter.call(return_details=True)` documents."""
         traced = is_traced(images)
         plan = self.plan(training, details, traced)
         if plan.mode == "capacity":
