@@ -16,7 +16,7 @@ import keras_dtop
 FIXTURE_DIR = Path(
     os.environ.get(
         "KERAS_DTOP_FIXTURES",
-        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "authors-dtop",
+        Path(__file__).resolve().parent / "fixtures" / "authors-dtop",
     )
 )
 
@@ -66,8 +66,8 @@ def load_fixture(name):
     path = FIXTURE_DIR / name
     if not path.exists():
         raise FileNotFoundError(
-            f"Authors' reference fixture not found at {path}. Put the shared/ folder beside "
-            "the repository or set KERAS_DTOP_FIXTURES."
+            f"Authors' reference fixture not found at {path}: the repository keeps it under "
+            "tests/fixtures/authors-dtop/; KERAS_DTOP_FIXTURES points the tests elsewhere."
         )
     return np.load(path)
 

@@ -1,6 +1,6 @@
 """The port against the authors' own code: weights and every tensor of their run.
 
-`shared/fixtures/authors-dtop/` holds a 12-layer ViT-96 with three grading
+`tests/fixtures/authors-dtop/` holds a 12-layer ViT-96 with three grading
 heads and its intermediate tensors, pruned (p0 = 0.7) and dense (p0 = 1.0).
 """
 
