@@ -26,7 +26,10 @@ def main():
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)
-    model = keras_dtop.DToPSegmenter.from_preset(args.preset, num_classes=args.num_classes)
+    # An architecture preset: random weights (load_weights=False says we know).
+    model = keras_dtop.DToPSegmenter.from_preset(
+        args.preset, num_classes=args.num_classes, load_weights=False
+    )
     images = np.random.default_rng(0).uniform(0, 255, (2, args.size, args.size, 3))
     if args.threshold is None:
         model.pruning_enabled = False

@@ -118,6 +118,20 @@ def test_preprocessor_matches_authors_normalisation():
     np.testing.assert_allclose(converted, nhwc(ref), atol=1e-5)
 
 
+@pytest.mark.parametrize("name, p0", CASES, ids=[c[0] for c in CASES])
+def test_predict_on_raw_pixels_matches_the_authors(name, p0):
+    # The converted model normalises raw RGB pixels as the authors' inference does.
+    ref = load_fixture(name)
+    model = build(ref, p0)
+    rgb = ref["input/image_bgr_uint8"][..., ::-1]
+    expected = np.transpose(ref["final/seg_logits"], (0, 2, 3, 1))
+    np.testing.assert_allclose(model.predict(rgb, verbose=0), expected, atol=TOL)
+    bare = segmenter_from_authors_state_dict(
+        state_dict(ref), num_heads=3, head_num_heads=3, prune_threshold=p0, preprocessor=None
+    )
+    assert bare.preprocessor is None
+
+
 def test_converter_reports_every_mismatch():
     ref = load_fixture("reference_dense.npz")
     model = build(ref, 1.0)

@@ -3,6 +3,8 @@ serialisation, presets and input validation."""
 
 import math
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -120,7 +122,8 @@ def test_pruning_switches_without_rebuilding():
 
 def test_predict_applies_the_preprocessor():
     model = DToPSegmenter.from_preset(
-        "dtop_vit_tiny", num_classes=3, image_size=(64, 64), num_layers=3, stage_ends=(0, 1, 2)
+        "dtop_vit_tiny", num_classes=3, image_size=(64, 64), num_layers=3, stage_ends=(0, 1, 2),
+        load_weights=False,
     )
     raw = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     normalised = to_numpy(model.preprocessor.image_converter(raw))
@@ -170,36 +173,49 @@ def test_presets_have_the_design_doc_defaults():
 
 
 def test_from_preset_builds_base():
-    model = DToPSegmenter.from_preset("dtop_vit_base", num_classes=150)
+    model = DToPSegmenter.from_preset("dtop_vit_base", num_classes=150, load_weights=False)
     assert model.stage_ends == (5, 7, 11) and model.num_classes == 150
     assert model.backbone.hidden_dim == 768 and model.grading_heads[0].hidden_dim == 384
     assert 85e6 < model.backbone.count_params() < 87e6  # ViT-B/16 without class token
 
 
 def test_from_preset_runs_tiny():
-    model = DToPSegmenter.from_preset("dtop_vit_tiny", num_classes=7, prune_threshold=0.5)
+    model = DToPSegmenter.from_preset(
+        "dtop_vit_tiny", num_classes=7, prune_threshold=0.5, load_weights=False
+    )
     assert model.prune_threshold == 0.5 and model.backbone.hidden_dim == 192
     scores = to_numpy(model(random_images(batch=1, height=32, width=48)))
     assert scores.shape == (1, 32, 48, 7)
+
+
+def test_from_preset_says_its_weights_are_random():
+    # keras-hub's default load_weights=True must not pass random weights off as trained.
+    kwargs = dict(num_classes=2, image_size=(32, 32), num_layers=3, stage_ends=(0, 1, 2))
+    with pytest.warns(UserWarning, match="architecture only.*randomly initialised"):
+        DToPSegmenter.from_preset("dtop_vit_tiny", **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DToPSegmenter.from_preset("dtop_vit_tiny", load_weights=False, **kwargs)
+    assert all("random weights" in spec["description"] for spec in keras_dtop.PRESETS.values())
 
 
 # --- Bad input ---
 
 
 @pytest.mark.parametrize(
-    "shape, error, message",
+    "shape, message, predict_message",
     [
-        ((2, 64, 64), ValueError, "rank 3"),
-        ((2, 64, 64, 4), ValueError, "3 image channels"),
-        ((2, 64, 60, 3), ValueError, "width must be a positive multiple of the patch size 16"),
-        ((2, 8, 64, 3), ValueError, "height must be a positive multiple"),
+        ((2, 64, 64), "rank 3", r"images of shape \(2, 64, 64\) are ambiguous"),
+        ((2, 64, 64, 4), "3 image channels", None),
+        ((2, 64, 60, 3), "width must be a positive multiple of the patch size 16", None),
+        ((2, 8, 64, 3), "height must be a positive multiple", None),
     ],
 )
-def test_bad_images(shape, error, message):
+def test_bad_images(shape, message, predict_message):
     model = tiny_segmenter()
-    with pytest.raises(error, match=message):
+    with pytest.raises(ValueError, match=message):
         model(np.zeros(shape, "float32"))
-    with pytest.raises(error, match=message):
+    with pytest.raises(ValueError, match=predict_message or message):
         model.predict(np.zeros(shape, "float32"), verbose=0)
 
 

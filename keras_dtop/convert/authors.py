@@ -130,7 +130,13 @@ def load_authors_state_dict(segmenter, state_dict):
 
 
 def segmenter_from_authors_state_dict(
-    state_dict, num_heads, head_num_heads, stage_ends=None, **segmenter_kwargs
+    state_dict,
+    num_heads,
+    head_num_heads,
+    stage_ends=None,
+    mean=None,
+    std=None,
+    **segmenter_kwargs,
 ):
     """Build a `DToPSegmenter` shaped like an authors' state dict and load it.
 
@@ -138,9 +144,19 @@ def segmenter_from_authors_state_dict(
     decoder layers, number of heads) are read from the tensor shapes; the
     attention head counts are not stored in a state dict and must be given.
     `stage_ends` defaults to the authors' boundaries for the depth.
+    The model gets the authors' normalisation as its preprocessor (RGB,
+    ImageNet mean/std on the 0-255 scale), so `predict` takes raw RGB pixels
+    as their inference does (mean/std None); other `mean`/`std` or
+    `preprocessor=` (None: `predict` takes normalised images) override it.
     """
     from keras_dtop.models.backbone import DToPBackbone
+    from keras_dtop.models.presets import IMAGENET_MEAN, IMAGENET_STD, mean_std_preprocessor
     from keras_dtop.models.segmenter import DToPSegmenter
+
+    if "preprocessor" not in segmenter_kwargs:
+        segmenter_kwargs["preprocessor"] = mean_std_preprocessor(
+            IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std
+        )
 
     sd = {k: _to_numpy(v) for k, v in state_dict.items()}
     patch = sd["backbone.patch_embed.projection.weight"]

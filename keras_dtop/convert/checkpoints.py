@@ -94,7 +94,9 @@ def segmenter_from_authors_checkpoint(path, num_heads, head_num_heads, trusted=F
     .safetensors). Sizes are read from the tensors; `num_heads` (backbone) and
     `head_num_heads` (grading heads) are not stored and must be given.
     Mismatched checkpoints raise a ValueError listing missing, unexpected and
-    mis-shaped keys.
+    mis-shaped keys. The model normalises raw RGB pixels as the authors do
+    (ImageNet mean/std); `mean`, `std` or `preprocessor` in `segmenter_kwargs`
+    override it (`segmenter_from_authors_state_dict`).
     """
     from keras_dtop.convert.authors import segmenter_from_authors_state_dict
 

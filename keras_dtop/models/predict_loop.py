@@ -10,28 +10,25 @@ import keras
 import numpy as np
 
 from keras_dtop.flops import segmenter_flops, segmenter_tokens
-from keras_dtop.models.settings import check_images
+from keras_dtop.models.inputs import image_batch_array, is_image_array, raw_image_batch
 
 
 def input_batches(x, batch_size=32, steps=None):
     """Yield image batches (NumPy) from `x`.
 
-    x: an array or tensor `(count, H, W, C)` (sliced into `batch_size`), a
-    `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable of batches;
+    x: an array or tensor `(count, H, W, C)` (sliced into `batch_size`; an
+    empty one gives one empty batch), a list of images, a `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable of batches;
     batches that are tuples `(images, labels, ...)` give their images.
     steps: stop after this many batches.
     """
-    if hasattr(x, "shape") and not hasattr(x, "element_spec"):
-        x = keras.ops.convert_to_numpy(x)
-        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+    if is_image_array(x):
+        x = image_batch_array(x)  # one batch array (dtype kept: checked per batch)
+        batches = (x[i : i + batch_size] for i in range(0, max(len(x), 1), batch_size))
     elif hasattr(x, "element_spec"):
         batches = x.as_numpy_iterator()
     elif isinstance(x, keras.utils.PyDataset):
         batches = (x[i] for i in range(len(x)))
-    elif isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape") and len(np.shape(x[0])) == 3:
-        yield from input_batches(np.stack([np.asarray(image) for image in x]), batch_size, steps)
-        return
-    elif hasattr(x, "__iter__"):
+    elif hasattr(x, "__iter__") and not isinstance(x, (str, bytes)):
         batches = iter(x)
     else:
         raise TypeError(
@@ -51,7 +48,7 @@ def count_batches(x, batch_size, steps):
     if steps is not None:
         return steps
     if hasattr(x, "shape") and not hasattr(x, "element_spec"):
-        return -(-int(x.shape[0]) // batch_size)
+        return max(1, -(-int(x.shape[0]) // batch_size))
     if hasattr(x, "__len__"):
         try:
             return len(x)
@@ -67,6 +64,8 @@ def predict_batches(model, x, batch_size=None, verbose="auto", steps=None, callb
     training=False)`); callbacks get `on_predict_*` events as in Keras.
     """
     batch_size = batch_size or 32
+    if is_image_array(x):
+        x = image_batch_array(x, model.backbone.num_channels)
     if not isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks = keras.callbacks.CallbackList(
             callbacks,
@@ -94,7 +93,11 @@ def predict_details(model, images, batch_size=8, sliding_window=None):
     if sliding_window is not None:
         return predict_details_sliding(model, images, batch_size, sliding_window)
     chunks = []
+    backbone = model.backbone
     for batch in input_batches(images, batch_size):
+        batch = raw_image_batch(batch, backbone.patch_size, backbone.num_channels)
+        if not len(batch):
+            raise ValueError("predict_details got an empty batch of images (0, H, W, 3): nothing to detail.")
         if model.preprocessor is not None:
             batch = model.preprocessor(batch)
         outputs = model(batch, training=False, return_details=True)
@@ -118,10 +121,8 @@ def predict_details_sliding(model, images, batch_size, sliding_window):
             "predict(sliding_window=...) takes an image array (count, H, W, 3), not a dataset; "
             "for a dataset use keras_dtop.evaluation.evaluate_segmentation."
         )
-    images = check_images(np.asarray(images))
-    if len(images.shape) != 4:
-        raise ValueError(f"Expected images (count, height, width, 3), got shape {tuple(images.shape)}.")
-    per_image = sliding_window_batch(model, keras.ops.convert_to_numpy(images), window, batch_size)
+    images = raw_image_batch(images, num_channels=model.backbone.num_channels)
+    per_image = sliding_window_batch(model, images, window, batch_size)
     out = {
         key: np.asarray([d[key] for d in per_image])
         for key in ("scores", "gflops", "gflops_with_auxiliary_heads", "dense_gflops")

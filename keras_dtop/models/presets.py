@@ -7,6 +7,7 @@ The builders below assemble a segmenter from a preset or a pretrained backbone.
 """
 
 import inspect
+import warnings
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -15,7 +16,7 @@ HALF_RANGE = (127.5, 127.5, 127.5)
 
 def _preset(description, width, depth, heads, drop_path, image, head_dim, head_heads, p0, mean, std):
     return {
-        "description": description,
+        "description": f"{description}; architecture only: random weights",
         "backbone": {
             "patch_size": 16,
             "hidden_dim": width,
@@ -66,7 +67,8 @@ def pop_backbone_kwargs(kwargs, extra=()):
     return {key: kwargs.pop(key) for key in list(kwargs) if key in names}
 
 
-def _preprocessor(mean, std):
+def mean_std_preprocessor(mean, std):
+    """A `DToPImageSegmenterPreprocessor` computing `(x - mean) / std` (0-255 scale)."""
     from keras_dtop.models.preprocessor import (
         DToPImageConverter,
         DToPImageSegmenterPreprocessor,
@@ -76,9 +78,25 @@ def _preprocessor(mean, std):
     return DToPImageSegmenterPreprocessor(image_converter=converter)
 
 
-def segmenter_from_preset(cls, preset, **kwargs):
-    """`cls.from_preset(preset)` for a name in `PRESETS`: random weights, kwargs override."""
+def segmenter_from_preset(cls, preset, load_weights=True, **kwargs):
+    """`cls.from_preset(preset)` for a name in `PRESETS`: random weights, kwargs override.
+
+    These presets are architectures: no trained weights exist for them. With
+    `load_weights=True` (keras-hub's default) a warning says so, so that a
+    random model is never taken for a trained one; `load_weights=False`
+    builds it quietly.
+    """
     from keras_dtop.models.backbone import DToPBackbone
+
+    if load_weights:
+        warnings.warn(
+            f"Preset {preset!r} is an architecture only: keras-dtop ships no trained weights "
+            "for it, so the model is randomly initialised. Train it, start from a pretrained "
+            "backbone (DToPSegmenter.from_pretrained_backbone) or load the authors' weights "
+            "(keras_dtop.convert); pass load_weights=False to build it without this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     spec = PRESETS[preset]
     backbone_config = dict(spec["backbone"])
@@ -87,7 +105,7 @@ def segmenter_from_preset(cls, preset, **kwargs):
     segmenter_config.update(kwargs)
     return cls(
         backbone=DToPBackbone(**backbone_config),
-        preprocessor=_preprocessor(**spec["preprocessor"]),
+        preprocessor=mean_std_preprocessor(**spec["preprocessor"]),
         **segmenter_config,
     )
 
@@ -104,7 +122,7 @@ def segmenter_from_pretrained_backbone(
         source, image_size=image_size, stage_ends=stage_ends, **backbone_kwargs
     )
     default_mean, default_std = pretrained_mean_std(source)
-    preprocessor = _preprocessor(
+    preprocessor = mean_std_preprocessor(
         default_mean if mean is None else mean, default_std if std is None else std
     )
     return cls(backbone=backbone, num_classes=num_classes, preprocessor=preprocessor, **kwargs)

@@ -3,6 +3,7 @@
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.models import ImageSegmenter
 
@@ -13,7 +14,8 @@ from keras_dtop.models import presets
 from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
 from keras_dtop.models.predict_loop import predict_batches, predict_details
 from keras_dtop.models.preprocessor import DToPImageSegmenterPreprocessor
-from keras_dtop.models.settings import PruningSettings, check_images
+from keras_dtop.models.inputs import check_images, raw_image_batch
+from keras_dtop.models.settings import PruningSettings
 from keras_dtop.models.stage_runner import StageRunner
 from keras_dtop.models.training import DToPTraining
 
@@ -179,9 +181,9 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         """
         if return_details is None:
             return_details = self._loss_outputs
-        outputs = self._engine.forward(
-            check_images(images), training=bool(training), details=return_details
-        )
+        backbone = self.backbone
+        images = check_images(images, backbone.patch_size, backbone.num_channels)
+        outputs = self._engine.forward(images, training=bool(training), details=return_details)
         return outputs if return_details else outputs["scores"]
 
     def predict_details(self, images, batch_size=8, sliding_window=None):
@@ -222,7 +224,14 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         return predict_batches(self, x, batch_size, verbose, steps, callbacks)
 
     def predict_on_batch(self, x):
-        """Scores `(batch, H, W, classes)` (NumPy) of one batch of raw images."""
+        """Scores `(batch, H, W, classes)` (NumPy) of one batch of raw images.
+
+        x: what `keras_dtop.models.inputs.raw_image_batch` accepts (a batch,
+        one image, grayscale, uint8 or float); an empty batch gives empty scores.
+        """
+        x = raw_image_batch(x, self.backbone.patch_size, self.backbone.num_channels)
+        if not len(x):
+            return np.zeros((0, *x.shape[1:3], self.num_classes), "float32")
         if self.preprocessor is not None:
             x = self.preprocessor(x)
         return ops.convert_to_numpy(self(x, training=False, return_details=False))
@@ -300,11 +309,14 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Build a named architecture (`keras_dtop.presets`), randomly initialised.
 
-        Keyword arguments override the preset: `DToPBackbone` arguments
-        (`image_size`, `stage_ends`, `drop_path_rate`, ...) go to the backbone,
-        the rest (`num_classes`, `prune_threshold`, ...) to the segmenter.
-        Names that are not keras-dtop presets go to keras-hub's loader.
+        No trained weights exist for these presets: `load_weights=True` (the
+        keras-hub default) warns that the model is random, `load_weights=False`
+        builds it quietly. Keyword arguments override the preset:
+        `DToPBackbone` arguments (`image_size`, `stage_ends`, `drop_path_rate`,
+        ...) go to the backbone, the rest (`num_classes`, `prune_threshold`,
+        ...) to the segmenter. Names that are not keras-dtop presets (a saved
+        preset directory, a hub handle) go to keras-hub's loader.
         """
         if preset not in presets.PRESETS:
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
-        return presets.segmenter_from_preset(cls, preset, **kwargs)
+        return presets.segmenter_from_preset(cls, preset, load_weights=load_weights, **kwargs)

@@ -10,9 +10,6 @@ that names the setting and the value, before anything reaches a backend.
 
 import numbers
 
-import keras
-from keras import ops
-
 from keras_dtop.models.stage_runner import ExecutionPolicy
 
 PRUNING_MODES = ("auto", "gathered", "masked", "capacity")
@@ -60,19 +57,8 @@ def check_token_bucket(value):
     return int(value)
 
 
-def check_images(images):
-    """A real-valued image tensor (anything else is converted or refused by dtype)."""
-    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-        images = ops.convert_to_tensor(images)
-    dtype = keras.backend.standardize_dtype(images.dtype)
-    if dtype == "bool" or dtype.startswith("string") or dtype.startswith("complex"):
-        raise TypeError(f"Images must be a real-valued numeric tensor, got dtype {dtype}.")
-    return images
-
-
 class PruningSettings:
     """The pruning controls of `DToPSegmenter` (a mixin; `self.pruner` and `self._engine` exist)."""
-
 
     @property
     def prune_threshold(self):
