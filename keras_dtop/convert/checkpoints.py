@@ -33,16 +33,59 @@ def _read_torch(path, trusted):
             f"Reading {path} needs PyTorch: pip install torch==2.13.0 (the CPU build), "
             "or convert the checkpoint to .npz / .safetensors."
         ) from None
+    if not _looks_like_torch_file(path):
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (or, before "
+            "torch 1.6, a pickle); this file is neither, or it is cut short."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as error:  # torch raises UnpicklingError and others for non-weight objects
-        if trusted:
-            raise
+        if trusted or "weights_only" not in str(error).replace("Weights only", "weights_only"):
+            raise ValueError(
+                f"{path} is not a readable PyTorch checkpoint: {str(error).splitlines()[0]}"
+            ) from None
         raise ValueError(
             f"{path} holds Python objects besides tensors, which torch.load only reads with "
             "weights_only=False. If you trust the file, pass trusted=True (it runs pickled "
             f"code). torch said: {str(error).splitlines()[0]}"
         ) from None
+
+
+def _looks_like_torch_file(path):
+    # A complete zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80).
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _read_npz(path):
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npz file: {error}") from None
+
+
+def _read_safetensors(path):
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise ImportError(f"Reading {path} needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable .safetensors file: {error}") from None
+    except (TypeError, ValueError):  # bfloat16 has no NumPy dtype: read through torch
+        from safetensors.torch import load_file as load_torch_file
+
+        return load_torch_file(path)
 
 
 def read_state_dict(path, trusted=False):
@@ -55,19 +98,9 @@ def read_state_dict(path, trusted=False):
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            checkpoint = {k: data[k] for k in data.files}
+        checkpoint = _read_npz(path)
     elif suffix == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-        except ImportError:
-            raise ImportError(f"Reading {path} needs the safetensors package: pip install safetensors") from None
-        try:
-            checkpoint = load_file(path)
-        except (TypeError, ValueError):  # bfloat16 has no NumPy dtype: read through torch
-            from safetensors.torch import load_file as load_torch_file
-
-            checkpoint = load_torch_file(path)
+        checkpoint = _read_safetensors(path)
     elif suffix in TORCH_SUFFIXES:
         checkpoint = _unwrap(_read_torch(path, trusted))
     else:

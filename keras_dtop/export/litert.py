@@ -27,9 +27,12 @@ class LiteRTSegmenter:
     def __init__(self, path, num_threads=None, **interpreter_kwargs):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No .tflite file at {path!r}.")
-        self.interpreter = _interpreter_class()(
-            model_path=os.fspath(path), num_threads=num_threads, **interpreter_kwargs
-        )
+        try:
+            self.interpreter = _interpreter_class()(
+                model_path=os.fspath(path), num_threads=num_threads, **interpreter_kwargs
+            )
+        except ValueError as error:  # LiteRT: "The model is not a valid Flatbuffer buffer"
+            raise ValueError(f"{os.fspath(path)} is not a readable .tflite model: {error}") from None
         self.runner = self.interpreter.get_signature_runner("serving_default")
         spec = self.runner.get_input_details()["images"]
         self.input_shape = tuple(int(s) for s in spec["shape"])

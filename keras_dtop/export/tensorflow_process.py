@@ -22,10 +22,11 @@ def running_tensorflow():
 
 def load_segmenter(source):
     """A `DToPSegmenter` from an instance or a `.keras` path (loaded without compiling)."""
+    from keras_dtop.models.saving import load_segmenter as load_file
+
     check_source(source)
     if isinstance(source, (str, os.PathLike)):
-        source = keras.saving.load_model(os.fspath(source), compile=False)
-        check_source(source)
+        source = load_file(source, compile=False)
     return source
 
 

@@ -1,5 +1,7 @@
 """DToPBackbone: a plain ViT (no final norm, optional prefix tokens) split into stages."""
 
+import numbers
+
 import keras
 from keras_hub.models import Backbone
 
@@ -23,10 +25,12 @@ def default_stage_ends(num_layers):
 
 def check_stage_ends(stage_ends, num_layers):
     """Validate stage boundaries: increasing 0-based layer indices ending at the last layer."""
-    try:
-        ends = tuple(int(e) for e in stage_ends)
-    except TypeError:
-        raise TypeError(f"stage_ends must be a sequence of ints, got {stage_ends!r}.") from None
+    if isinstance(stage_ends, (str, bytes)) or not all(
+        isinstance(e, numbers.Integral) and not isinstance(e, bool)
+        for e in (stage_ends if hasattr(stage_ends, "__iter__") else [None])
+    ):
+        raise TypeError(f"stage_ends must be a sequence of ints, got {stage_ends!r}.")
+    ends = tuple(int(e) for e in stage_ends)
     if not ends:
         raise ValueError("stage_ends must name at least one layer.")
     if any(e < 0 or e >= num_layers for e in ends):

@@ -27,7 +27,7 @@ def _check_dtype(dtype, what="images"):
 def is_image_array(x):
     """Whether `x` is images in memory (array, tensor or list of images), not a dataset."""
     if isinstance(x, (list, tuple)):
-        return bool(x) and (hasattr(x[0], "shape") or isinstance(x[0], (list, tuple)))
+        return not x or hasattr(x[0], "shape") or isinstance(x[0], (list, tuple))
     return hasattr(x, "shape") and not hasattr(x, "element_spec")
 
 
