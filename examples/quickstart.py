@@ -21,15 +21,9 @@ import numpy as np
 import keras_dtop
 from keras_dtop.data import CLASS_NAMES, synthetic_segmentation
 from keras_dtop.flops import segmenter_flops
+from keras_dtop.visualization import class_palette, panel
 
 IMAGE_SIZE = (64, 64)
-PALETTE = np.array(
-    [[70, 130, 180], [220, 40, 40], [30, 50, 200], [40, 170, 60], [240, 220, 40], [150, 150, 150]],
-    np.uint8,
-)
-STAGE_COLOURS = np.array([[46, 204, 113], [241, 196, 15], [231, 76, 60]], np.uint8)
-
-
 def build_model(threshold):
     backbone = keras_dtop.DToPBackbone(
         patch_size=8,
@@ -71,24 +65,12 @@ def evaluate(model, images, labels):
     }
 
 
-def colourise(labels):
-    out = PALETTE[np.minimum(labels, len(PALETTE) - 1)]
-    out[labels == 255] = 255
-    return out
+def save_png(path, image, label, prediction, exit_stage, num_stages, caption):
+    from PIL import Image
 
-
-def save_png(path, image, label, prediction, exit_stage):
-    import tensorflow as tf
-
-    scale = IMAGE_SIZE[0] // exit_stage.shape[0]
-    stages = np.repeat(np.repeat(STAGE_COLOURS[exit_stage], scale, 0), scale, 1)
-    gap = np.full((IMAGE_SIZE[0], 4, 3), 255, np.uint8)
-    row = np.concatenate(
-        [image, gap, colourise(label), gap, colourise(prediction), gap, stages], axis=1
-    )
-    row = np.repeat(np.repeat(row, 4, 0), 4, 1)  # 4x larger to be seen
-    with open(path, "wb") as f:
-        f.write(tf.io.encode_png(row).numpy())
+    picture = panel(image, prediction, exit_stage, num_stages, label=label,
+                    class_names=list(CLASS_NAMES), palette=class_palette(len(CLASS_NAMES)), caption=caption)  # fmt: skip
+    Image.fromarray(picture).save(path)
 
 
 def main():
@@ -151,6 +133,9 @@ def main():
         test_labels[0],
         scores[0].argmax(-1),
         pruned["details"]["exit_stage"][0],
+        stages,
+        f"p0 = {args.threshold}: {pruned['details']['gflops'][0]:.4f} GFLOPs, "
+        f"{1 - pruned['details']['gflops'][0] / dense_after['gflops']:.0%} saved vs dense",
     )
     print(f"wrote {args.out}/dtop_quickstart.keras and {args.out}/quickstart.png")
     print(f"total time {time.time() - start:.0f} s")
