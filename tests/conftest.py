@@ -140,3 +140,22 @@ def set_threshold_between_tokens(model, images, candidate_fraction=0.5):
     i = int(np.clip(round((1 - candidate_fraction) * len(confidence)), 1, len(confidence) - 1))
     model.prune_threshold = float((confidence[i - 1] + confidence[i]) / 2)
     return model.prune_threshold
+
+
+# --- Time per test file, printed at the end of every run (CI keeps an eye on its budget) ---
+
+_FILE_SECONDS = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section(f"seconds per test file ({keras.config.backend()})")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+    terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}  total")

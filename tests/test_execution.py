@@ -400,3 +400,33 @@ def test_dense_stages_measure_per_image_attention_once_and_match_batched():
 
     measured = [key for key in stage_runner._ATTENTION_CHOICES if key[1:3] == (3, 36)]
     assert len(measured) == 1
+
+
+def test_predict_records_no_autograd_graph():
+    # Eager PyTorch would keep every activation for a backward pass (ViT-B at
+    # batch 8 ran out of 24 GB); predict and predict_details run like Keras'
+    # own predict step, without gradients. TensorFlow and JAX programs are functional.
+    model = tiny_segmenter()
+    states = []
+    forward = model.engine.forward
+
+    def recording(*args, **kwargs):
+        if keras.backend.backend() == "torch":
+            import torch
+
+            states.append(torch.is_grad_enabled())
+        else:
+            states.append(False)
+        return forward(*args, **kwargs)
+
+    model.engine.forward = recording
+    images = random_images(2)
+    model.predict(images, verbose=0)
+    model.predict_on_batch(images)
+    model.predict_details(images)
+    assert states == [False, False, False]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        assert torch.is_grad_enabled()  # restored afterwards
+        assert model(images).requires_grad  # a direct call still differentiates

@@ -44,6 +44,19 @@ def tflite_path(trained, tmp_path_factory):
     return path
 
 
+# Conversion properties (quantization, capacity shapes, prefix tokens, the
+# all-exit graph) do not depend on the backend a model comes from: under JAX
+# and PyTorch the exporter saves a .keras file and converts it under
+# TensorFlow, exactly as in the TensorFlow session. They run once, there;
+# every session still exports its own model (the tests without this mark), and
+# `test_tflite_identical_whichever_backend_trained_the_model` exports models
+# trained on all three backends.
+conversion_checked_once = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="a TensorFlow conversion property: checked once, in the TensorFlow session",
+)
+
+
 def _assert_same_segmentation(outputs, reference, atol=1e-4):
     np.testing.assert_allclose(outputs["scores"], reference["scores"], atol=atol, rtol=0)
     labels = np.argmax(reference["scores"], axis=-1)
@@ -110,6 +123,7 @@ def test_saved_model_equals_keras_on_four_images(trained, tmp_path):
     np.testing.assert_array_equal(outputs["alive_tokens"], reference["alive_counts"])
 
 
+@conversion_checked_once
 def test_every_token_confident_still_runs(tmp_path):
     """k = 0 and a tiny p0: every token is an exit candidate after the first stage.
     The rule keeps each image's most confident token, so later stages run on one
@@ -124,6 +138,7 @@ def test_every_token_confident_still_runs(tmp_path):
     _assert_same_segmentation(outputs, reference)
 
 
+@conversion_checked_once
 def test_prefix_tokens_export_and_prune_inside_tflite(tmp_path):
     """A class token, two registers and LayerScale (a DINOv2-style backbone)."""
     prefix = dict(class_token=True, num_register_tokens=2, layer_scale_init=0.5)
@@ -138,6 +153,7 @@ def test_prefix_tokens_export_and_prune_inside_tflite(tmp_path):
     _assert_same_segmentation(outputs, reference)
 
 
+@conversion_checked_once
 @pytest.mark.filterwarnings("ignore:pruning_mode='capacity'")
 def test_capacity_export_has_static_shapes_and_equals_keras(trained, tmp_path):
     path = export_tflite(
@@ -159,6 +175,7 @@ def test_capacity_export_has_static_shapes_and_equals_keras(trained, tmp_path):
     np.testing.assert_array_equal(outputs["alive_tokens"], reference["alive_counts"])
 
 
+@conversion_checked_once
 def test_float16_and_int8_exports_are_smaller_and_close(trained, tflite_path, tmp_path):
     images = varied_images(4, seed=10)
     reference = LiteRTSegmenter(str(tflite_path))(images)

@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_dtop.flops import segmenter_flops, segmenter_tokens
 from keras_dtop.models.inputs import image_batch_array, is_image_array, raw_image_batch
+from keras_dtop.models.stage_compiler import inference_context
 
 
 def input_batches(x, batch_size=32, steps=None):
@@ -98,10 +99,11 @@ def predict_details(model, images, batch_size=8, sliding_window=None):
         batch = raw_image_batch(batch, backbone.patch_size, backbone.num_channels)
         if not len(batch):
             raise ValueError("predict_details got an empty batch of images (0, H, W, 3): nothing to detail.")
-        if model.preprocessor is not None:
-            batch = model.preprocessor(batch)
-        outputs = model(batch, training=False, return_details=True)
-        chunks.append(keras.tree.map_structure(keras.ops.convert_to_numpy, outputs))
+        with inference_context():
+            if model.preprocessor is not None:
+                batch = model.preprocessor(batch)
+            outputs = model(batch, training=False, return_details=True)
+            chunks.append(keras.tree.map_structure(keras.ops.convert_to_numpy, outputs))
     details = keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
     image_size = details["scores"].shape[1:3]
     # Without pruning the auxiliary heads only run here, for the details.

@@ -16,6 +16,7 @@ from keras_dtop.models.predict_loop import predict_batches, predict_details
 from keras_dtop.models.preprocessor import DToPImageSegmenterPreprocessor
 from keras_dtop.models.inputs import check_images, raw_image_batch
 from keras_dtop.models.settings import PruningSettings
+from keras_dtop.models.stage_compiler import inference_context
 from keras_dtop.models.stage_runner import StageRunner
 from keras_dtop.models.training import DToPTraining
 
@@ -232,9 +233,10 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         x = raw_image_batch(x, self.backbone.patch_size, self.backbone.num_channels)
         if not len(x):
             return np.zeros((0, *x.shape[1:3], self.num_classes), "float32")
-        if self.preprocessor is not None:
-            x = self.preprocessor(x)
-        return ops.convert_to_numpy(self(x, training=False, return_details=False))
+        with inference_context():
+            if self.preprocessor is not None:
+                x = self.preprocessor(x)
+            return ops.convert_to_numpy(self(x, training=False, return_details=False))
 
     # --- Export ---
 
