@@ -21,6 +21,20 @@ FIXTURE_DIR = Path(
 )
 
 
+if os.environ.get("KERAS_DTOP_TEST_THREADS"):
+    # CI runs two suites side by side on 2 cores, one thread each (.ci/run);
+    # JAX takes its thread count from XLA_FLAGS there.
+    threads = int(os.environ["KERAS_DTOP_TEST_THREADS"])
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if keras.config.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def to_numpy(structure):
     return keras.tree.map_structure(keras.ops.convert_to_numpy, structure)
 
