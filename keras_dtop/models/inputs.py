@@ -17,10 +17,10 @@ from keras import ops
 from keras_dtop.layers.patch_embedding import check_image_shape
 
 
-def _check_dtype(dtype, what="images"):
+def _check_dtype(dtype):
     dtype = keras.backend.standardize_dtype(dtype)
     if dtype == "bool" or dtype.startswith(("string", "complex", "object")) or dtype in ("str", "bytes"):
-        raise TypeError(f"{what} must be real-valued numbers (uint8 pixels or floats), got dtype {dtype}.")
+        raise TypeError(f"images must be real-valued numbers (uint8 pixels or floats), got dtype {dtype}.")
     return dtype
 
 

@@ -18,7 +18,8 @@ def input_batches(x, batch_size=32, steps=None):
     """Yield image batches (NumPy) from `x`.
 
     x: an array or tensor `(count, H, W, C)` (sliced into `batch_size`; an
-    empty one gives one empty batch), a list of images, a `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable of batches;
+    empty one gives one empty batch), a list of images, a
+    `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable of batches;
     batches that are tuples `(images, labels, ...)` give their images.
     steps: stop after this many batches.
     """
