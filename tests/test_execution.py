@@ -292,30 +292,38 @@ def test_prefix_tokens_run_every_layer_ungraded_in_every_mode():
     _assert_same_result(to_numpy(traced_run(images)), want)
 
     # Changing only the prefix tokens changes the last stage's predictions of
-    # the image that kept a single token: it still attends to them.
+    # the image that kept a single token: it still attends to them. (Some class
+    # logits of a random tiny head barely move; the largest change is the signal,
+    # far above float32 noise.)
     table = backbone.patch_embedding.prefix_tokens
     shift = np.random.default_rng(0).normal(size=tuple(table.shape)).astype("float32")
     table.assign(table + shift)
     moved = _run(model, images, "gathered")
     last_alive = want["heads"][-1]["alive"][1]
     change = moved["heads"][-1]["mask_logits"][1] - want["heads"][-1]["mask_logits"][1]
-    assert np.abs(change[:, last_alive]).min() > 1e-5
+    assert np.abs(change[:, last_alive]).max() > 1e-4
     counts = want["alive_counts"]
     no_prefix = tiny_segmenter(tiny_backbone(image_size=(96, 96)))
     assert (segmenter_flops(model, counts, (96, 96)) > segmenter_flops(no_prefix, counts, (96, 96))).all()
 
 
 class _CompileCounter:
-    """Counts JAX backend compilations (`jax.monitoring` events) while active."""
+    """Counts JAX compilations while active (`jax.monitoring` events): backend
+    compiles, and compile requests that the persistent cache (conftest) answers."""
 
     def __init__(self):
         import jax
 
         self.count, self.active = 0, False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        jax.monitoring.register_event_duration_secs_listener(lambda event, duration, **kw: self._listen(event))
+        jax.monitoring.register_event_listener(lambda event, **kw: self._listen(event))
 
-    def _listen(self, event, duration, **kwargs):
-        if self.active and event == "/jax/core/compile/backend_compile_duration":
+    def _listen(self, event):
+        compiled = event in (
+            "/jax/core/compile/backend_compile_duration",
+            "/jax/compilation_cache/compile_requests_use_cache",
+        )
+        if self.active and compiled:
             self.count += 1
 
 
@@ -323,13 +331,16 @@ def test_second_predict_with_the_same_shapes_compiles_and_traces_nothing():
     model = _mixed_model()
     images = random_images(4, 96, 96, seed=1)
     counter = _CompileCounter() if keras.backend.backend() == "jax" else None
+    if counter is not None:
+        counter.active = True
     model.predict(images, batch_size=4, verbose=0)
     model.predict_on_batch(images[:1])
     traces = model.engine.trace_count
     if keras.backend.backend() != "torch":  # PyTorch runs eagerly: nothing is traced
         assert traces > 0
     if counter is not None:
-        counter.active = True
+        assert counter.count > 0  # the counter sees the first predict's compiles
+        counter.count = 0
     again = model.predict(images, batch_size=4, verbose=0)
     model.predict_on_batch(images[:1])
     assert model.engine.trace_count == traces

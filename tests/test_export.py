@@ -241,30 +241,36 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     reason="trains on all three backends in subprocesses itself: run once, in the TensorFlow session",
 )
 def test_tflite_identical_whichever_backend_trained_the_model(tmp_path):
-    """The same training run on each backend (same initial weights and steps), saved
-    as .keras, exported with the `keras-dtop` CLI: the three TFLite models agree, and
-    agree with this backend's Keras model."""
+    """The same training run on each backend (same initial weights and steps),
+    saved as .keras: loaded here, the three models segment alike; the one
+    PyTorch trained, exported with the `keras-dtop` CLI in a fresh process,
+    equals them. (Every session also exports its own backend's model: the
+    `tflite_path` fixture.)"""
     here = Path(__file__).parent
-    outputs = {}
     images = varied_images(8, seed=11)
+    # Every backend trains with its default thread pools, whatever this session
+    # uses (.ci/run limits its suites to one thread): the thread count changes
+    # reduction order, and two SGD steps amplify that enough to move a
+    # near-threshold exit between backends.
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_DTOP_TEST_THREADS", "OMP_NUM_THREADS", "XLA_FLAGS")}
+
+    def run(backend, *command):
+        result = subprocess.run(
+            [sys.executable, *command], env=dict(env, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2"),
+            capture_output=True, text=True, cwd=here,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    details = {}
     for backend in BACKENDS:
-        model_path, tflite = tmp_path / f"{backend}.keras", tmp_path / f"{backend}.tflite"
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-        # Every backend trains with its default thread pools, whatever this
-        # session uses (.ci/run limits its suites to one thread): the thread
-        # count changes reduction order, and two SGD steps amplify that enough
-        # to move a near-threshold exit between backends.
-        for name in ("KERAS_DTOP_TEST_THREADS", "OMP_NUM_THREADS", "XLA_FLAGS"):
-            env.pop(name, None)
-        for command in (
-            [sys.executable, str(here / "train_for_export.py"), str(model_path)],
-            [sys.executable, "-m", "keras_dtop.cli", "export", str(model_path), "--out", str(tflite)],
-        ):
-            result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=here)
-            assert result.returncode == 0, result.stderr[-3000:]
-        outputs[backend] = LiteRTSegmenter(str(tflite))(images)
+        run(backend, str(here / "train_for_export.py"), str(tmp_path / f"{backend}.keras"))
+        details[backend] = keras.saving.load_model(tmp_path / f"{backend}.keras").predict_details(images)
     for backend in BACKENDS[1:]:
-        _assert_same_segmentation(outputs[backend], outputs["tensorflow"])
-        np.testing.assert_array_equal(outputs[backend]["alive_tokens"], outputs["tensorflow"]["alive_tokens"])
-    here_model = keras.saving.load_model(tmp_path / f"{keras.backend.backend()}.keras")
-    _assert_same_segmentation(outputs["tensorflow"], here_model.predict_details(images))
+        np.testing.assert_allclose(details[backend]["scores"], details["tensorflow"]["scores"], atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(details[backend]["alive_counts"], details["tensorflow"]["alive_counts"])
+    tflite = tmp_path / "torch.tflite"
+    run("torch", "-m", "keras_dtop.cli", "export", str(tmp_path / "torch.keras"), "--out", str(tflite))
+    outputs = LiteRTSegmenter(str(tflite))(images)
+    _assert_same_segmentation(outputs, details["torch"])
+    np.testing.assert_array_equal(outputs["alive_tokens"], details["torch"]["alive_counts"])
+    assert len(np.unique(outputs["alive_tokens"][:, -1])) > 1  # pruning varies across the images
