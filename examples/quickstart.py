@@ -38,6 +38,8 @@ def build_model(threshold):
     return keras_dtop.DToPSegmenter(
         backbone,
         num_classes=len(CLASS_NAMES),
+        class_names=list(CLASS_NAMES),
+        palette=class_palette(len(CLASS_NAMES)).tolist(),
         prune_threshold=threshold,
         keep_top_k=5,
         head_hidden_dim=48,

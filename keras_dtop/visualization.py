@@ -4,8 +4,12 @@
 - `colourise(labels, palette)`: label map `(H, W)` -> RGB `(H, W, 3)`; 255 (ignore) is white.
 - `exit_stage_image(exit_stage, image_size, num_stages)`: token grid `(h, w)` of
   0-based exit stages -> RGB `(H, W, 3)`, every token a block of its stage's colour.
+- `overlay(image, colours, opacity)`: a colour picture blended over the image.
+- `label_overlay(...)`, `exit_stage_overlay(...)`: the prediction / the exit
+  stages drawn over the image.
 - `panel(...)`: image | ground truth | prediction | exit stage, titled, with the
   class and stage legends and an optional caption (e.g. GFLOPs), as a uint8 array.
+- `grid(panels)`: several panels stacked, for many images.
 """
 
 import numpy as np
@@ -58,6 +62,52 @@ def exit_stage_image(exit_stage, image_size, num_stages):
     rows = np.arange(height) * exit_stage.shape[0] // height
     cols = np.arange(width) * exit_stage.shape[1] // width
     return stage_colours(num_stages)[exit_stage[rows][:, cols]]
+
+
+def overlay(image, colours, opacity=0.5):
+    """`round((1 - opacity) * image + opacity * colours)` as uint8 `(H, W, 3)`.
+
+    image: RGB `(H, W, 3)`, uint8 or [0, 255] floats; colours: RGB of the
+    same size (e.g. `colourise(...)`); opacity in [0, 1] (0: the image only).
+    """
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}.")
+    image = np.clip(np.asarray(image, np.float32), 0, 255)
+    colours = np.asarray(colours, np.float32)
+    if image.shape != colours.shape or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"overlay needs an RGB image and colours of one shape (H, W, 3), got {image.shape} "
+                         f"and {colours.shape}.")  # fmt: skip
+    return np.round((1.0 - opacity) * image + opacity * colours).astype(np.uint8)
+
+
+def label_overlay(image, labels, palette=None, opacity=0.5):
+    """The class map `(H, W)` in its palette colours over the image `(H, W, 3)`; ignore (255) stays clear."""
+    labels = np.asarray(labels)
+    if palette is None:
+        palette = class_palette(int(labels[labels != 255].max(initial=0)) + 1)
+    blended = overlay(image, colourise(labels, palette), opacity)
+    ignore = labels == 255
+    blended[ignore] = np.clip(np.asarray(image), 0, 255).astype(np.uint8)[ignore]
+    return blended
+
+
+def exit_stage_overlay(image, exit_stage, num_stages, opacity=0.5):
+    """Each token's exit-stage colour over its patch of the image `(H, W, 3)`; exit_stage `(h, w)`."""
+    image = np.asarray(image)
+    return overlay(image, exit_stage_image(exit_stage, image.shape[:2], num_stages), opacity)
+
+
+def grid(panels, gap=6):
+    """Panels (uint8 `(h_i, w_i, 3)`) stacked top to bottom on white, left-aligned."""
+    if not len(panels):
+        raise ValueError("grid needs at least one panel.")
+    width = max(p.shape[1] for p in panels)
+    rows = []
+    for p in panels:
+        row = np.full((p.shape[0] + gap, width, 3), 255, np.uint8)
+        row[: p.shape[0], : p.shape[1]] = p
+        rows.append(row)
+    return np.concatenate(rows)[:-gap]
 
 
 def _text_width(draw, text, font):

@@ -228,6 +228,30 @@ def test_exporter_rejects_bad_sources_and_runner_inputs(tflite_path, tmp_path):
         runner(np.zeros((1, 32, 32, 3), "float32"))
 
 
+def test_cli_predict_and_info_run_a_tflite_file(trained, tflite_path, tmp_path, capsys):
+    from PIL import Image
+
+    from keras_dtop.data.folder import read_mask
+
+    images = varied_images(3, seed=5).astype(np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    files = [str(tmp_path / f"{i}.png") for i in range(3)]
+    assert cli_main(["predict", str(tflite_path), *files, "--out", str(out), "--exit-map", "--quiet"]) == 0
+    reference = trained.predict_details(images.astype("float32"))
+    for i in range(3):
+        assert np.mean(read_mask(out / f"{i}.png") == reference["scores"][i].argmax(-1)) >= 0.999
+    assert (out / "0_exit.png").exists()
+    assert cli_main(["info", str(tflite_path)]) == 0
+    assert "images (1, 64, 64, 3)" in capsys.readouterr().out
+    assert cli_main(["predict", str(tflite_path), str(tmp_path / "small.png"), "--out", str(out)]) == 2
+    assert "differs from the .tflite model's input 64x64" in capsys.readouterr().err
+    assert cli_main(["predict", str(tflite_path), files[0], "--out", str(out), "--p0", "0.5"]) == 2
+    assert "a .tflite file has p0 built in" in capsys.readouterr().err
+
+
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     code = cli_main(["export", str(tmp_path / "missing.keras"), "--out", str(tmp_path / "m.tflite")])
     assert code == 2

@@ -17,6 +17,8 @@ _LAZY = {
     "segmentation_pipeline": "pipeline",
     "folder_dataset": "folder",
     "pair_files": "folder",
+    "read_image": "folder",
+    "read_mask": "folder",
     "VOC_CLASS_NAMES": "folder",
     "tfds_dataset": "tfds_datasets",
     "tfds_class_names": "tfds_datasets",

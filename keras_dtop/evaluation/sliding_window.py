@@ -110,7 +110,8 @@ def sliding_window_details(model, image, window, batch_size=8):
 
     Returns a dict of NumPy arrays: `scores` `(H, W, classes)` averaged over
     windows, `windows` `(n, 2)` their (top, left), `alive_counts` `(n,
-    stages)` per window, `gflops` and `gflops_with_auxiliary_heads` summed
+    stages)` per window, `exit_stage` `(H, W)` per pixel (0-based; where
+    windows overlap, the latest stage any of them ran the pixel's token to), `gflops` and `gflops_with_auxiliary_heads` summed
     over windows (scalars), and `dense_gflops` (the same windows without
     pruning).
     """
@@ -137,6 +138,8 @@ def sliding_window_batch(model, images, window, batch_size=8):
     jobs = [(b, top, left) for b in range(count) for top, left in positions]
     fill = pad_pixel(model)
     scores = np.zeros((count, height, width, model.num_classes), "float32")
+    exit_stage = np.zeros((count, height, width), "int32")
+    patch = model.backbone.patch_size
     hits = np.zeros((height, width, 1), "float32")
     for top, left in positions:
         hits[top : top + crop_h, left : left + crop_w] += 1.0
@@ -149,9 +152,12 @@ def sliding_window_batch(model, images, window, batch_size=8):
             crop[...] = fill
             crop[: part.shape[0], : part.shape[1]] = part
         details = model.predict_details(crops, batch_size=batch_size)
-        for window_scores, (b, top, left) in zip(details["scores"], chunk):
+        for window_scores, window_exits, (b, top, left) in zip(details["scores"], details["exit_stage"], chunk):
             h, w = min(crop_h, height - top), min(crop_w, width - left)
             scores[b, top : top + h, left : left + w] += window_scores[:h, :w]
+            pixels = np.repeat(np.repeat(window_exits, patch, 0), patch, 1)[:h, :w]
+            region = exit_stage[b, top : top + h, left : left + w]
+            np.maximum(region, pixels, out=region)
         alive.append(details["alive_counts"])
         gflops.append(details["gflops"])
         gflops_aux.append(details["gflops_with_auxiliary_heads"])
@@ -161,6 +167,7 @@ def sliding_window_batch(model, images, window, batch_size=8):
         {
             "scores": scores[b] / hits,
             "windows": np.asarray(positions, "int32"),
+            "exit_stage": exit_stage[b],
             "alive_counts": alive[b],
             "gflops": float(gflops[b].sum()),
             "gflops_with_auxiliary_heads": float(gflops_aux[b].sum()),

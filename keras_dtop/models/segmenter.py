@@ -12,6 +12,7 @@ from keras_dtop.layers.pruning import TokenPruner
 from keras_dtop.losses import DToPLoss
 from keras_dtop.models import presets
 from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
+from keras_dtop.models.class_labels import check_class_names, check_palette
 from keras_dtop.models.predict_loop import predict_batches, predict_details
 from keras_dtop.models.preprocessor import DToPImageSegmenterPreprocessor
 from keras_dtop.models.inputs import check_images, raw_image_batch
@@ -76,6 +77,9 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         token_bucket: "gathered" capacities are rounded up to a multiple of
             it, so that a jit compiles few programs. None: 1 on TensorFlow and
             PyTorch (dynamic shapes), tokens/16 on JAX.
+        class_names: optional names of the classes (reports, legends, CLI).
+        palette: optional `(num_classes, 3)` RGB colours of the classes
+            (pictures and label PNGs); default `visualization.class_palette`.
         preprocessor: a `DToPImageSegmenterPreprocessor` or None.
         compile: compile with keras-hub's `ImageSegmenter` defaults. Off by
             default: those defaults (cross-entropy on the score map) are not
@@ -102,6 +106,8 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         pruning_mode="auto",
         stage_capacity=None,
         token_bucket=None,
+        class_names=None,
+        palette=None,
         preprocessor=None,
         compile=False,
         **kwargs,
@@ -112,6 +118,8 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
             raise TypeError(f"num_classes must be an int >= 1, got {num_classes!r}.")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        class_names = check_class_names(class_names, int(num_classes))
+        palette = check_palette(palette, int(num_classes))
         stage_ends = check_stage_ends(
             backbone.stage_ends if stage_ends is None else stage_ends, backbone.num_layers
         )
@@ -148,6 +156,9 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         self.head_mlp_ratio = head_mlp_ratio
         self.head_dropout = float(head_dropout)
         self.head_layer_norm_epsilon = float(head_layer_norm_epsilon)
+        # Tuples: Keras would wrap lists as tracked containers.
+        self.class_names = None if class_names is None else tuple(class_names)
+        self.palette = None if palette is None else tuple(tuple(c) for c in palette)
         self._pruning_enabled = bool(pruning_enabled)
         self._engine = StageRunner(self)  # a plain object: Keras does not track it
         self._function_settings = {}
@@ -285,6 +296,8 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
             pruning_mode=self.pruning_mode,
             stage_capacity=self.stage_capacity,
             token_bucket=self.token_bucket,
+            class_names=None if self.class_names is None else list(self.class_names),
+            palette=None if self.palette is None else [list(c) for c in self.palette],
         )
         return config
 

@@ -1,4 +1,4 @@
-"""`keras-dtop` command line: `keras-dtop export MODEL.keras --format tflite --out OUT`.
+"""`keras-dtop export MODEL.keras --format tflite --out OUT`: SavedModel or LiteRT.
 
 Exports always run under the TensorFlow backend (in a subprocess when
 KERAS_BACKEND names another), so a `.keras` file trained under any backend
@@ -7,7 +7,6 @@ can be exported.
 
 import argparse
 import os
-import sys
 
 
 def _capacity(text):
@@ -15,11 +14,9 @@ def _capacity(text):
     return int(value) if value.is_integer() and "." not in text else value
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="keras-dtop", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_parser(commands, name):
     export = commands.add_parser(
-        "export", help="export a .keras DToPSegmenter to a TF SavedModel or a .tflite file"
+        name, help="export a .keras DToPSegmenter to a TF SavedModel or a .tflite file"
     )
     export.add_argument("model", help="a .keras file written by DToPSegmenter.save()")
     export.add_argument("--format", choices=("saved_model", "tflite"), default="tflite")
@@ -41,11 +38,9 @@ def build_parser():
     export.add_argument("--stage-capacity", type=_capacity, nargs="+",
                         help="capacity mode: tokens (int) or fraction (float) per pruning head")  # fmt: skip
     export.add_argument("--quiet", action="store_true", help="print nothing on success")
-    return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(args):
     # Under another KERAS_BACKEND the export functions rebuild the model under TensorFlow.
     from keras_dtop.export import export_saved_model, export_tflite, tflite_operators
 
@@ -58,21 +53,13 @@ def main(argv=None):
         pruning_enabled=args.pruning_enabled,
         stage_capacity=args.stage_capacity,
     )
-    try:
-        if args.format == "tflite":
-            options["batch_size"] = options["batch_size"] or 1
-            path = export_tflite(args.model, args.out, quantization=args.quantization, **options)
-        else:
-            path = export_saved_model(args.model, args.out, **options)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
-        print(f"keras-dtop export: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+    if args.format == "tflite":
+        options["batch_size"] = options["batch_size"] or 1
+        path = export_tflite(args.model, args.out, quantization=args.quantization, **options)
+    else:
+        path = export_saved_model(args.model, args.out, **options)
     if not args.quiet:
         print(f"wrote {path}")
         if args.format == "tflite":
             print(f"  {os.path.getsize(path) / 2**20:.1f} MiB, operators: {', '.join(tflite_operators(path))}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
