@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from keras_dtop.data.labels import IGNORE_INDEX
+from keras_dtop.distribute.replicas import cross_replica_sum
 
 
 def present_classes(labels, num_classes):
@@ -26,11 +27,15 @@ def present_classes(labels, num_classes):
 
 
 def presence_loss(presence_logits, present, no_object_weight=0.1):
-    """Weighted 2-way cross-entropy; target 0 = present, 1 = no-object."""
+    """Weighted 2-way cross-entropy; target 0 = present, 1 = no-object.
+
+    The weight sum covers the global batch under data parallelism
+    (`cross_replica_sum`), so each replica returns its share.
+    """
     log_probs = ops.log_softmax(ops.cast(presence_logits, "float32"), axis=-1)
     nll = -(present * log_probs[..., 0] + (1.0 - present) * log_probs[..., 1])
     weight = present + (1.0 - present) * no_object_weight
-    return ops.sum(weight * nll) / ops.sum(weight)
+    return ops.sum(weight * nll) / cross_replica_sum(ops.sum(weight))
 
 
 def upsample_canvas(canvas, grid, size):
@@ -103,7 +108,8 @@ class DToPLoss:
         """
         num_classes = heads[0]["presence_logits"].shape[1]
         present = present_classes(labels, num_classes)
-        num_masks = ops.maximum(ops.sum(present), 1.0)
+        # Masks of the global batch: each data-parallel replica returns its share.
+        num_masks = ops.maximum(cross_replica_sum(ops.sum(present)), 1.0)
         size = (ops.shape(labels)[1], ops.shape(labels)[2])
         losses = []
         for head in heads:

@@ -16,10 +16,11 @@ def token_scores(presence_logits, mask_logits):
     """Score `P[c, t] = softmax(presence[c])[present] · sigmoid(mask[c, t])`.
 
     presence_logits: `(batch, classes, 2)`; mask_logits: `(batch, classes, tokens)`.
-    Returns `(batch, classes, tokens)` in (0, 1), not normalised over classes.
+    Returns float32 `(batch, classes, tokens)` in (0, 1), not normalised over
+    classes: under mixed precision the rule decides on float32 scores.
     """
-    present = ops.softmax(presence_logits, axis=-1)[..., 0]
-    return present[..., None] * ops.sigmoid(mask_logits)
+    present = ops.softmax(ops.cast(presence_logits, "float32"), axis=-1)[..., 0]
+    return present[..., None] * ops.sigmoid(ops.cast(mask_logits, "float32"))
 
 
 def update_canvas(canvas, mask_logits, seen):

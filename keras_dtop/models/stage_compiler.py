@@ -1,9 +1,10 @@
 """Compile one DToP stage as one program, per backend.
 
-The only backend-specific code in keras-dtop. Pruned inference runs stage by
-stage: the host reads the alive counts between stages (to pick the compact
-layout and its capacities) and each stage then runs as one compiled program
-with no host synchronisation inside it:
+The backend-specific code of inference (training's is in
+`keras_dtop.distribute.replicas`). Pruned inference runs stage by stage:
+the host reads the alive counts between stages (to pick the compact layout
+and its capacities) and each stage then runs as one compiled program with no
+host synchronisation inside it:
 
 - TensorFlow: one `tf.function` per program; capacities are passed as
   tensors, so one trace serves every capacity (dynamic shapes, no XLA).

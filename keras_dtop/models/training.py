@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_dtop.data.labels import check_labels, check_labels_in_dataset
+from keras_dtop.distribute.replicas import replica_count
 from keras_dtop.flops import segmenter_flops
 from keras_dtop.losses import IGNORE_INDEX, DToPLoss
 from keras_dtop.metrics import MeanIoU
@@ -89,10 +90,14 @@ class DToPTraining:
         return self.dtop_loss.stage_losses(y_pred["heads"], y, grid)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Total DToP loss: sum over heads of presence CE + 20·focal + dice."""
+        """Total DToP loss: sum over heads of presence CE + 20·focal + dice.
+
+        Under data parallelism this is the replica's share of the global
+        batch's loss (`keras_dtop.distribute.replicas`): the shares sum to it.
+        """
         total = ops.sum(ops.stack(self._stage_losses(y, y_pred)))
-        if self.losses:
-            total = total + ops.sum(self.losses)
+        if self.losses:  # the same on every replica: each adds its share
+            total = total + ops.sum(self.losses) / float(replica_count())
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
