@@ -1,6 +1,6 @@
 """keras-dtop: Dynamic Token Pruning for plain-ViT semantic segmentation in Keras 3."""
 
-from keras_dtop import convert, data, flops, layers, losses, metrics, optimizers
+from keras_dtop import convert, data, distribute, flops, layers, losses, metrics, optimizers
 from keras_dtop.models import (
     PRESETS,
     DToPBackbone,

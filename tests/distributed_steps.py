@@ -33,7 +33,9 @@ def build(initial=None):
     model = small_model(prune_threshold=1.0)
     if initial is not None:
         model.set_weights(initial)
-    model.compile(optimizer=keras_dtop.optimizers.DToPAdamW(learning_rate=1e-3))
+    # epsilon 1e-3: Adam would turn gradients that are float noise into full
+    # +-lr steps, and the split batch rounds its sums differently.
+    model.compile(optimizer=keras_dtop.optimizers.DToPAdamW(learning_rate=1e-3, epsilon=1e-3))
     return model
 
 
@@ -63,15 +65,36 @@ def run_jax(path):
     import jax
     import keras
 
+    import keras_dtop
+
     assert len(jax.devices()) == 2, jax.devices()
+    pixels = batch()[0]  # raw uint8 images: predict preprocesses them
+
+    def pruned_scores(model, mode="auto"):
+        model.prune_threshold, model.pruning_mode = 0.3, mode
+        scores = model.predict(pixels, verbose=0)
+        model.prune_threshold, model.pruning_mode = 1.0, "auto"
+        return scores
+
     reference = build()
     initial = reference.get_weights()
+    extra = {"single": pruned_scores(reference)}
     one = two_steps(reference, keras_fit)
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+
+    keras.distribution.set_distribution(keras_dtop.distribute.data_parallel())
     model = build(initial)
+    extra["data_parallel"] = pruned_scores(model)
     two = two_steps(model, keras_fit)
     kernel = model.backbone.get_layer("encoder_block_0").trainable_weights[0]
-    save(path, one, two, {"replicated": np.array(kernel.value.sharding.is_fully_replicated)})
+    extra["replicated"] = np.array(kernel.value.sharding.is_fully_replicated)
+
+    keras.distribution.set_distribution(keras_dtop.distribute.model_parallel(model_size=2))
+    sharded = build(initial)
+    for mode in ("auto", "masked"):
+        extra[f"model_parallel_{mode}"] = pruned_scores(sharded, mode)
+    extra["paths"] = np.array([v.path for v in sharded.weights])
+    extra["specs"] = np.array([str(tuple(v.value.sharding.spec)) for v in sharded.weights])
+    save(path, one, two, extra)
 
 
 def run_tensorflow(path):

@@ -11,3 +11,4 @@ one device at batch N·b on every backend.
 
 from keras_dtop.distribute.replicas import cross_replica_sum, replica_count
 from keras_dtop.distribute.torch_ddp import fit_ddp
+from keras_dtop.distribute.layouts import data_parallel, layout_map, model_parallel
