@@ -9,7 +9,7 @@ grading head's decoder. Everything else (norms, embeddings, class queries,
 presence layer) is replicated. Set either before building the model:
 
     keras.distribution.set_distribution(keras_dtop.distribute.model_parallel(model_size=2))
-    model = keras_dtop.DToPSegmenter.from_preset("dtop_vit_large_ade20k")
+    model = keras_dtop.DToPSegmenter.from_preset("dtop_vit_large", num_classes=150, load_weights=False)
 """
 
 import keras
