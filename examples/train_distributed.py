@@ -86,10 +86,11 @@ def timed_phases(args, fit, model, global_batch):
     result = {}
     for phase, threshold in (("dense", 1.0), ("pruning", args.threshold)):
         model.prune_threshold = threshold
-        # Warm-up: compiles this phase's step. Under a JAX distribution the
-        # second call compiles once more (the state comes back sharded).
-        fit(1)
-        fit(1)
+        # Warm-up with the timed call's length: compiles this phase's step.
+        # Under a JAX distribution Keras compiles again on the second call and
+        # whenever the number of steps changes.
+        fit(args.steps)
+        fit(args.steps)
         start = time.perf_counter()
         logs = fit(args.steps)
         seconds = time.perf_counter() - start
