@@ -52,7 +52,7 @@ def trained_case(policy, path):
         rebuilt = keras.saving.deserialize_keras_object(config)
         rebuilt.set_weights(model.get_weights())
         model = rebuilt
-    size = tuple(model.backbone.image_shape[:2])
+    size = tuple(model.backbone.image_size)
     images, _ = synthetic_segmentation(64, image_size=size, seed=7)
     return model.predict_details(images, batch_size=16)
 
