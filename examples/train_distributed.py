@@ -39,19 +39,13 @@ def parse_args(argv=None):
 
 
 def prepare_devices(args):
-    """Before any backend starts: virtual CPU devices for JAX when asked for."""
+    """Before any backend starts: virtual CPU devices for JAX when asked for
+    (the flag only splits the CPU platform; GPUs and TPUs are unaffected)."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend == "jax" and args.devices and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        import importlib.util
-
-        if importlib.util.find_spec("jax") is not None and not _has_accelerator():
-            flag = f"--xla_force_host_platform_device_count={args.devices}"
-            os.environ["XLA_FLAGS"] = f"{flag} {os.environ.get('XLA_FLAGS', '')}".strip()
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{flag} {os.environ.get('XLA_FLAGS', '')}".strip()
     return backend
-
-
-def _has_accelerator():
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 
 def build_model(args):

@@ -14,7 +14,7 @@ import time
 import keras
 import numpy as np
 
-from keras_dtop.distribute.replicas import summed_over_torch_processes
+from keras_dtop.distribute.replicas import cross_replica_sum, summed_over_torch_processes
 
 
 def _batches(model, x, y, batch_size):
@@ -57,12 +57,13 @@ def fit_ddp(model, x, y=None, batch_size=None, epochs=1, steps_per_epoch=None, v
     world = dist.get_world_size()
     ddp = DistributedDataParallel(model)
     variables = model.trainable_variables
+    batches = _batches(model, x, y, batch_size)
     history = {}
     for _ in range(epochs):
         for metric in model.metrics:
             metric.reset_state()
         loss_sum, steps, images_seen, start = 0.0, 0, 0, time.perf_counter()
-        for images, labels in _batches(model, x, y, batch_size).as_numpy_iterator():
+        for images, labels in batches.as_numpy_iterator():
             if steps_per_epoch is not None and steps >= steps_per_epoch:
                 break
             images = keras.ops.convert_to_tensor(images)
@@ -71,7 +72,7 @@ def fit_ddp(model, x, y=None, batch_size=None, epochs=1, steps_per_epoch=None, v
             with summed_over_torch_processes():
                 outputs = ddp(images, training=True, return_details=True)
                 share = model.compute_loss(images, labels, outputs, training=True)
-                global_loss = float(_summed(share.detach()))
+                global_loss = float(cross_replica_sum(share.detach()))
             # DDP averages gradients over the processes; the shares must be summed.
             model.optimizer.scale_loss(share * world).backward()
             with torch.no_grad():
@@ -86,11 +87,3 @@ def fit_ddp(model, x, y=None, batch_size=None, epochs=1, steps_per_epoch=None, v
         if verbose and dist.get_rank() == 0:
             print(" - ".join(f"{k}: {v:.4g}" for k, v in logs.items()))
     return history
-
-
-def _summed(value):
-    import torch.distributed as dist
-
-    total = value.clone()
-    dist.all_reduce(total)
-    return total
