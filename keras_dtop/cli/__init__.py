@@ -20,7 +20,7 @@ COMMANDS = {
     "info": info_command,
     "export": export_command,
 }
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, RuntimeError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, RuntimeError, ImportError)
 
 
 def build_parser():

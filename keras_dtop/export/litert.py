@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from keras_dtop.export.batching import check_images, run_in_batches
+
 
 def _interpreter_class():
     try:
@@ -39,18 +41,5 @@ class LiteRTSegmenter:
         self.input_dtype = np.dtype(spec["dtype"])
 
     def __call__(self, images):
-        images = np.asarray(images)
-        batch = self.input_shape[0]
-        if images.ndim != 4 or images.shape[1:] != self.input_shape[1:]:
-            raise ValueError(
-                f"Images must have shape (count, {', '.join(map(str, self.input_shape[1:]))}), "
-                f"got {images.shape}."
-            )
-        images = images.astype(self.input_dtype, copy=False)
-        chunks = []
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
-            outputs = self.runner(images=padded)
-            chunks.append({k: np.array(v[: len(chunk)]) for k, v in outputs.items()})
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        images = check_images(images, self.input_shape, self.input_dtype)
+        return run_in_batches(lambda batch: self.runner(images=batch), images, self.input_shape[0])

@@ -58,16 +58,21 @@ def cli_arguments(options):
     return args
 
 
-def run_export(export_format, model, path, options, input_signature, write, extra_options=None):
+def run_export(export_format, model, path, options, input_signature, write, extra_options=None, prepare=None):
     """Check the options, then export here (TensorFlow) or in a TensorFlow subprocess.
 
     write(model, spec): writes the artefact to `path` under TensorFlow;
-    extra_options: format-only options passed on to the subprocess (quantization).
+    extra_options: format-only options passed on to the subprocess (quantization);
+    prepare(spec): checks format-only inputs against the resolved `ServingSpec`
+    (None when `model` is a `.keras` path exported in a subprocess) before
+    anything is traced, and returns more options for the subprocess.
     """
     static_batch = export_format == "tflite"
     check_source(model)
+    prepare = prepare or (lambda spec: {})
     if not running_tensorflow():
         options = dict(options)
+        spec = None
         if not isinstance(model, (str, os.PathLike)):
             spec = resolve_spec(model, options, input_signature, static_batch)  # errors before the subprocess
             options.update(
@@ -77,9 +82,12 @@ def run_export(export_format, model, path, options, input_signature, write, extr
                 include_preprocessing=spec.include_preprocessing,
             )
         options.update(extra_options or {})
+        options.update(prepare(spec))
         return export_in_tensorflow_process(export_format, model, path, options)
     model = load_segmenter(model)
-    write(model, resolve_spec(model, options, input_signature, static_batch))
+    spec = resolve_spec(model, options, input_signature, static_batch)
+    prepare(spec)
+    write(model, spec)
     return os.fspath(path)
 
 

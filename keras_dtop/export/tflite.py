@@ -1,4 +1,4 @@
-"""TFLite (LiteRT) export: builtin ops only, float32 / float16 / dynamic-range int8.
+"""TFLite (LiteRT) export: builtin ops only, float32 / float16 / dynamic-range int8 / full int8.
 
 The flatbuffer is converted from the SavedModel of `saved_model.py`, so it
 prunes the same way: with `pruning_mode` "gathered" the tensors of every stage
@@ -9,16 +9,25 @@ XNNPACK fails on empty tensors); "capacity" gives fully static shapes.
 import os
 import tempfile
 
+import numpy as np
+
+from keras_dtop.export.calibration import calibration_images
+from keras_dtop.export.quantization import quantize_full_int8
 from keras_dtop.export.saved_model import write_saved_model
-from keras_dtop.export.tensorflow_process import run_export
+from keras_dtop.export.tensorflow_process import run_export, running_tensorflow
 
-QUANTIZATIONS = ("float16", "int8")
+QUANTIZATIONS = ("float16", "int8", "full_int8")
 
 
-def check_quantization(quantization):
+def check_quantization(quantization, calibration_data=None):
     if quantization not in (None, "none", *QUANTIZATIONS):
         raise ValueError(
-            f"quantization must be None, 'float16' or 'int8' (dynamic range), got {quantization!r}."
+            "quantization must be None, 'float16', 'int8' (dynamic range) or 'full_int8' "
+            f"(int8 weights and activations, with calibration_data), got {quantization!r}."
+        )
+    if calibration_data is not None and quantization != "full_int8":
+        raise ValueError(
+            f"calibration_data is only used by quantization='full_int8', got quantization={quantization!r}."
         )
     return None if quantization == "none" else quantization
 
@@ -35,18 +44,23 @@ def export_tflite(
     pruning_enabled=None,
     stage_capacity=None,
     input_signature=None,
+    calibration_data=None,
 ):
     """Write `model` (a `DToPSegmenter` or its `.keras` file) as a `.tflite` flatbuffer.
 
     Fixed input `(batch_size, H, W, 3)` (H, W: `image_size`, default the
     backbone's); signature outputs as for `export_saved_model`.
-    quantization: None (float32), "float16" (weights stored in half precision)
-    or "int8" (dynamic-range: int8 weights, float activations). Only TFLite
-    builtin operators are allowed; a conversion needing Flex or custom ops
-    raises. Under JAX or PyTorch the model is rebuilt under TensorFlow in a
-    subprocess. Returns the path.
+    quantization: None (float32), "float16" (weights stored in half precision),
+    "int8" (dynamic range: int8 weights, float activations) or "full_int8"
+    (int8 weights and activations of the encoder and the heads' layers, with
+    ranges calibrated on `calibration_data`: images like those served, see
+    `keras_dtop.export.calibration.calibration_images`; the grading rule and
+    the token bookkeeping stay float32, inputs and outputs are float32).
+    Only TFLite builtin operators are allowed; a conversion needing Flex or
+    custom ops raises. Under JAX or PyTorch the model is rebuilt under
+    TensorFlow in a subprocess. Returns the path.
     """
-    quantization = check_quantization(quantization)
+    quantization = check_quantization(quantization, calibration_data)
     options = dict(
         image_size=image_size,
         batch_size=batch_size,
@@ -56,20 +70,43 @@ def export_tflite(
         pruning_enabled=pruning_enabled,
         stage_capacity=stage_capacity,
     )
+    calibration = {}
 
-    def write(model, spec):
-        with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
-            write_saved_model(model, tmp, spec, options)
-            flatbuffer = convert_saved_model(tmp, quantization)
-        with open(path, "wb") as f:
-            f.write(flatbuffer)
+    with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
 
-    extra = {"quantization": quantization}
-    return run_export("tflite", model, path, options, input_signature, write, extra)
+        def prepare(spec):  # before anything is traced
+            if quantization != "full_int8":
+                return {}
+            if spec is None:  # a .keras path for the subprocess: it checks the shapes
+                images = calibration_data
+                if not isinstance(images, (str, os.PathLike)):
+                    images = os.path.join(tmp, "calibration.npy")
+                    np.save(images, calibration_images(calibration_data, None))
+                return {"calibration_data": os.fspath(images)}
+            calibration["images"] = calibration_images(calibration_data, spec)
+            if running_tensorflow():
+                return {}
+            np.save(os.path.join(tmp, "calibration.npy"), calibration["images"])
+            return {"calibration_data": os.path.join(tmp, "calibration.npy")}
+
+        def write(model, spec):
+            saved_model = os.path.join(tmp, "saved_model")
+            write_saved_model(model, saved_model, spec, options)
+            flatbuffer = convert_saved_model(
+                saved_model, quantization, calibration.get("images"), spec.batch_size
+            )
+            with open(path, "wb") as f:
+                f.write(flatbuffer)
+
+        extra = {"quantization": quantization}
+        return run_export("tflite", model, path, options, input_signature, write, extra, prepare)
 
 
-def convert_saved_model(saved_model_dir, quantization=None):
-    """SavedModel -> TFLite flatbuffer bytes with builtin ops only (checked)."""
+def convert_saved_model(saved_model_dir, quantization=None, calibration=None, batch_size=1):
+    """SavedModel -> TFLite flatbuffer bytes with builtin ops only (checked).
+
+    calibration: float32 images `(count, H, W, 3)` for "full_int8".
+    """
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(
@@ -80,7 +117,10 @@ def convert_saved_model(saved_model_dir, quantization=None):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    flatbuffer = converter.convert()
+    if quantization == "full_int8":
+        flatbuffer = quantize_full_int8(converter, calibration, batch_size)
+    else:
+        flatbuffer = converter.convert()
     foreign = custom_operators(flatbuffer)
     if foreign:
         raise RuntimeError(f"The TFLite model needs non-builtin operators {foreign}.")

@@ -252,10 +252,10 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
     # --- Export ---
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
-        """Keras' `Model.export`, routed to `keras_dtop.export` for SavedModel and LiteRT.
+        """Keras' `Model.export`, routed to `keras_dtop.export` for SavedModel, LiteRT and ONNX.
 
         format "tf_saved_model" -> `export_saved_model`, "litert" (or
-        "tflite") -> `export_tflite`, with the pruning kept in the graph and
+        "tflite") -> `export_tflite`, "onnx" -> `export_onnx`, with the pruning kept in the graph and
         `scores`, `labels`, `alive_tokens`, `exit_stage` outputs; kwargs are
         those functions' options (image_size, batch_size, quantization, ...).
         input_signature: one spec `(batch, H, W, 3)`. Works from every backend
@@ -269,6 +269,8 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
             )
         elif format in ("litert", "tflite"):
             path = dtop_export.export_tflite(self, filepath, input_signature=input_signature, **kwargs)
+        elif format == "onnx":
+            path = dtop_export.export_onnx(self, filepath, input_signature=input_signature, **kwargs)
         else:
             return super().export(
                 filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
