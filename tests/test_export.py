@@ -257,7 +257,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert code == 2
     assert "error: FileNotFoundError" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main(["export", "m.keras", "--format", "onnx", "--out", "x"])
+        cli_main(["export", "m.keras", "--format", "coreml", "--out", "x"])
 
 
 @pytest.mark.skipif(

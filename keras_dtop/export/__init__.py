@@ -19,7 +19,13 @@ from keras_dtop.export.onnx import export_onnx
 from keras_dtop.export.onnx_runtime import ONNXRuntimeSegmenter
 from keras_dtop.export.saved_model import export_saved_model
 from keras_dtop.export.serving import OUTPUT_NAMES, ServingSpec, serving_spec
-from keras_dtop.export.tflite import QUANTIZATIONS, custom_operators, export_tflite, tflite_operators
+from keras_dtop.export.tflite import (
+    QUANTIZATIONS,
+    custom_operators,
+    export_tflite,
+    int8_operators,
+    tflite_operators,
+)
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -31,6 +37,7 @@ __all__ = [
     "export_onnx",
     "export_saved_model",
     "export_tflite",
+    "int8_operators",
     "serving_spec",
     "tflite_operators",
 ]

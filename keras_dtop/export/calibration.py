@@ -39,6 +39,10 @@ def calibration_images(data, spec, limit=MAX_CALIBRATION_IMAGES):
         )
     if len(images) == 0:
         raise ValueError("calibration_data holds no images.")
+    if spec is not None and spec.batch_size is not None and len(images) < spec.batch_size:
+        raise ValueError(
+            f"calibration_data has {len(images)} images, fewer than the export's batch_size {spec.batch_size}."
+        )
     if not np.issubdtype(images.dtype, np.number) or np.issubdtype(images.dtype, np.complexfloating):
         raise ValueError(f"calibration_data must hold real numbers, got dtype {images.dtype}.")
     images = images.astype("float32")
@@ -59,8 +63,6 @@ def representative_batches(images, batch_size):
         for start in range(0, len(images) - batch_size + 1, batch_size):
             yield {"images": images[start : start + batch_size]}
 
-    if len(images) < batch_size:
-        raise ValueError(f"calibration_data has {len(images)} images, fewer than the export's batch_size {batch_size}.")
     return batches
 
 
@@ -82,7 +84,7 @@ def _collect(data, limit):
     """Up to `limit` images from an array, a list of images, or an iterable of batches."""
     if isinstance(data, np.ndarray) or (hasattr(data, "__array__") and not hasattr(data, "take")):
         return np.asarray(data)[:limit]
-    if isinstance(data, (list, tuple)) and data and np.ndim(data[0]) == 3:
+    if isinstance(data, (list, tuple)) and data and not isinstance(data[0], (tuple, list, dict)) and np.ndim(data[0]) == 3:
         return np.stack([np.asarray(image) for image in data[:limit]])
     batches, count = [], 0
     try:

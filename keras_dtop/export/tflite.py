@@ -141,15 +141,42 @@ def custom_operators(flatbuffer):
     return sorted({name for name, custom in _operator_codes(flatbuffer) if custom})
 
 
-def _operator_codes(flatbuffer):
+def int8_operators(flatbuffer):
+    """Sorted names of the operators that compute in int8 (an int8 first input) in a `.tflite` model.
+
+    After `quantization="full_int8"`: the encoder's and heads' matrix
+    products; QUANTIZE / DEQUANTIZE mark the float32 borders.
+    """
     from tensorflow.lite.python import schema_py_generated as schema
+
+    model = _read_model(flatbuffer)
+    names = [name for name, _ in _operator_codes(model)]
+    found = set()
+    for subgraph in model.subgraphs:
+        for operator in subgraph.operators:
+            inputs = [i for i in operator.inputs if i >= 0]
+            if inputs and subgraph.tensors[inputs[0]].type == schema.TensorType.INT8:
+                found.add(names[operator.opcodeIndex])
+    return sorted(found - {"QUANTIZE", "DEQUANTIZE"})
+
+
+def _read_model(flatbuffer):
     from tensorflow.lite.tools import flatbuffer_utils
 
     if isinstance(flatbuffer, (str, os.PathLike)):
         with open(flatbuffer, "rb") as f:
             flatbuffer = f.read()
+    if isinstance(flatbuffer, (bytes, bytearray)):
+        return flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    return flatbuffer  # already read
+
+
+def _operator_codes(flatbuffer):
+    """(name, is_custom) of every operator code, in the model's opcode order."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    model = _read_model(flatbuffer)
     for code in model.operatorCodes:
         builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
         if builtin == schema.BuiltinOperator.CUSTOM or code.customCode:
