@@ -91,6 +91,21 @@ def test_onnx_capacity_export_with_a_fixed_batch_equals_keras(trained, tmp_path)
 
 
 @conversion_checked_once
+@pytest.mark.parametrize("prune_threshold, expected", [(1e-6, [64, 1, 1]), (0.99, [64, 64, 64])])
+def test_onnx_one_token_left_and_no_token_exiting(prune_threshold, expected, tmp_path):
+    """The extremes: k = 0 and a tiny p0 leave each image its most confident
+    token; a high p0 on an untrained model exits nothing. (A tf2onnx graph
+    optimisation made both crash in ONNX Runtime: see `convert_function`.)"""
+    keras.utils.set_random_seed(1)
+    model = export_test_model(prune_threshold=prune_threshold, keep_top_k=0)
+    path = export_onnx(model, tmp_path / "extreme.onnx")
+    images = varied_images(2, seed=8)
+    outputs = ONNXRuntimeSegmenter(path)(images)
+    np.testing.assert_array_equal(outputs["alive_tokens"], [expected] * 2)
+    _assert_equal_to_keras(outputs, model.predict_details(images))
+
+
+@conversion_checked_once
 def test_onnx_dense_export_and_uint8_input(trained, tmp_path):
     path = export_onnx(trained, tmp_path / "dense.onnx", pruning_enabled=False, input_dtype="uint8")
     images = varied_images(3, seed=4).astype(np.uint8)

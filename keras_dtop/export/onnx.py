@@ -91,15 +91,44 @@ def write_onnx(model, path, spec, options, opset=DEFAULT_OPSET):
         model, options["pruning_mode"], options["pruning_enabled"], options["stage_capacity"]
     ):
         serve = tf.function(lambda images: serving_outputs(model, images, spec), input_signature=signature)
-        proto, _ = tf2onnx.convert.from_function(
-            serve, input_signature=signature, opset=opset, custom_op_handlers=CONVERSION_RULES
-        )
+        proto = convert_function(serve.get_concrete_function(), opset)
     name_dynamic_batch(proto)
     outputs = [output.name for output in proto.graph.output]
     if sorted(outputs) != sorted(OUTPUT_NAMES):
         raise RuntimeError(f"The ONNX graph's outputs are {outputs}, expected {list(OUTPUT_NAMES)}.")
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, os.fspath(path))
+
+
+def convert_function(concrete, opset):
+    """A TF concrete function -> ONNX `ModelProto`: the steps of `tf2onnx.convert.from_function`,
+    with one graph optimizer left out.
+
+    tf2onnx 1.17's "remove_back_to_back" merges two consecutive Reshapes after
+    its "reshape_optimizer" has turned the second one's computed shape into
+    copy-this-dimension zeros, which then copy the wrong tensor's dimensions:
+    ONNX Runtime failed with "cannot reshape {tokens, C} to {tokens, C, heads, d}"
+    in the grading heads (TF's `Tensordot` reshapes around a matmul). ONNX
+    Runtime merges such reshapes itself, correctly.
+    """
+    import tensorflow as tf
+    from tf2onnx import optimizer, tf_loader, tfonnx
+
+    resource = tf.dtypes.resource
+    input_names = [t.name for t in concrete.inputs if t.dtype != resource]
+    output_names = [t.name for t in concrete.outputs if t.dtype != resource]
+    renames = dict(zip(input_names, ["images"]))
+    renames.update({tensor.name: name for name, tensor in concrete.structured_outputs.items()})
+    graph_def = tf_loader.from_function(concrete, input_names, output_names)
+    optimizers = {k: v for k, v in optimizer._get_optimizers().items() if k != "remove_back_to_back"}
+    with tf.Graph().as_default() as tf_graph:
+        tf.import_graph_def(graph_def, name="")
+        graph = tfonnx.process_tf_graph(
+            tf_graph, continue_on_error=False, opset=opset, custom_op_handlers=CONVERSION_RULES,
+            input_names=input_names, output_names=output_names, tensors_to_rename=renames,
+        )  # fmt: skip
+        graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=optimizers)
+        return graph.make_model("keras-dtop segmenter")
 
 
 def name_dynamic_batch(proto):
