@@ -174,6 +174,29 @@ def set_threshold_between_tokens(model, images, candidate_fraction=0.5):
     return model.prune_threshold
 
 
+# --- Export tests: one trained model per session, conversion properties checked once ---
+
+
+@pytest.fixture(scope="session")
+def trained_export_model():
+    """The export tests' model, trained on this session's backend; p0 set so that
+    images prune differently. Tests that change its settings restore them."""
+    from train_for_export import export_test_model, train_deterministically
+
+    keras.utils.set_random_seed(3)
+    return train_deterministically(export_test_model())
+
+
+# Conversion properties (quantization, capacity shapes, prefix tokens, the
+# extremes of the rule) do not depend on the backend a model comes from: under
+# JAX and PyTorch the exporter saves a .keras file and converts it under
+# TensorFlow, exactly as in the TensorFlow session. They run once, there.
+conversion_checked_once = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="a TensorFlow conversion property: checked once, in the TensorFlow session",
+)
+
+
 # --- Time per test file, printed at the end of every run (CI keeps an eye on its budget) ---
 
 _FILE_SECONDS = {}

@@ -13,8 +13,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import set_threshold_between_tokens, varied_images
-from train_for_export import export_test_model, train_deterministically
+from conftest import conversion_checked_once, set_threshold_between_tokens, varied_images
+from train_for_export import export_test_model
 
 from keras_dtop.cli import main as cli_main
 from keras_dtop.export import (
@@ -30,10 +30,8 @@ IMAGE_SHAPE = (64, 64, 3)
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """Trained on this backend; p0 set so that images prune differently."""
-    keras.utils.set_random_seed(3)
-    return train_deterministically(export_test_model())
+def trained(trained_export_model):
+    return trained_export_model
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +42,11 @@ def tflite_path(trained, tmp_path_factory):
     return path
 
 
-# Conversion properties (quantization, capacity shapes, prefix tokens, the
-# all-exit graph) do not depend on the backend a model comes from: under JAX
-# and PyTorch the exporter saves a .keras file and converts it under
-# TensorFlow, exactly as in the TensorFlow session. They run once, there;
-# every session still exports its own model (the tests without this mark), and
+# Conversion properties run once, in the TensorFlow session
+# (`conversion_checked_once`); every session still exports its own model (the
+# tests without this mark), and
 # `test_tflite_identical_whichever_backend_trained_the_model` exports models
 # trained on all three backends.
-conversion_checked_once = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="a TensorFlow conversion property: checked once, in the TensorFlow session",
-)
-
-
 def _assert_same_segmentation(outputs, reference, atol=1e-4):
     np.testing.assert_allclose(outputs["scores"], reference["scores"], atol=atol, rtol=0)
     labels = np.argmax(reference["scores"], axis=-1)

@@ -10,24 +10,18 @@ import keras
 import numpy as np
 import onnx
 import pytest
-from conftest import varied_images
-from train_for_export import export_test_model, train_deterministically
+from conftest import conversion_checked_once, varied_images
+from train_for_export import export_test_model
 
 from keras_dtop.cli import main as cli_main
 from keras_dtop.export import ONNXRuntimeSegmenter, export_onnx
 
 IMAGE_SHAPE = (64, 64, 3)
-conversion_checked_once = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="a TensorFlow-to-ONNX conversion property: checked once, in the TensorFlow session",
-)
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """Trained on this backend; p0 set so that images prune differently."""
-    keras.utils.set_random_seed(3)
-    return train_deterministically(export_test_model())
+def trained(trained_export_model):
+    return trained_export_model
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +123,29 @@ def test_cli_exports_onnx(trained, tmp_path, capsys):
     _assert_equal_to_keras(ONNXRuntimeSegmenter(str(out))(images), trained.predict_details(images))
     assert cli_main(["export", str(source), "--format", "onnx", "--quantization", "int8", "--out", str(out)]) == 2
     assert "apply to --format tflite only" in capsys.readouterr().err
+
+
+def test_cli_predict_and_info_run_an_onnx_file(trained, onnx_path, tmp_path, capsys):
+    from PIL import Image
+
+    from keras_dtop.data.folder import read_mask
+
+    images = varied_images(3, seed=5).astype(np.uint8)
+    files = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    out = tmp_path / "out"
+    assert cli_main(["predict", str(onnx_path), *files, "--out", str(out), "--exit-map", "--quiet"]) == 0
+    reference = trained.predict_details(images.astype("float32"))
+    for i in range(3):
+        assert np.mean(read_mask(out / f"{i}.png") == reference["scores"][i].argmax(-1)) >= 0.999
+    assert (out / "0_exit.png").exists()
+    assert cli_main(["info", str(onnx_path)]) == 0
+    info = capsys.readouterr().out
+    assert "ONNX graph" in info and "images (batch, 64, 64, 3) float32" in info and "TopK" in info
+    assert cli_main(["predict", str(onnx_path), files[0], "--out", str(out), "--p0", "0.5"]) == 2
+    assert "a .onnx file has p0 built in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@
     keras-dtop export MODEL.keras --format tflite --out OUT
 
 MODEL is a `.keras` file, a preset directory (`model.save_to_preset(dir)`) or,
-for predict and info, a `.tflite` file. Errors print one line and exit with 2.
+for predict and info, an exported `.tflite` or `.onnx` file. Errors print one line and exit with 2.
 """
 
 import argparse

@@ -54,7 +54,7 @@ def run(args):
     window = sliding_window_argument(args)
     source = open_model(args.model)
     if source.kind != "keras":
-        raise ValueError("evaluate needs a .keras model or a preset directory, not a .tflite file.")
+        raise ValueError(f"evaluate needs a .keras model or a preset directory, not a .{source.kind} file.")
     model = source.model
     if args.p0 is not None:
         model.prune_threshold = args.p0

@@ -2,7 +2,7 @@
 
 A `.keras` file or preset directory: architecture, parameters, stages, p0/k,
 pruning mode, preprocessing, classes and dense GFLOPs at the image size. A
-`.tflite` file: its input, outputs, operators and size on disk.
+`.tflite` or `.onnx` file: its input, outputs, operators and size on disk.
 """
 
 import os
@@ -12,7 +12,7 @@ from keras_dtop.cli.model_source import open_model
 
 def add_parser(commands, name):
     parser = commands.add_parser(name, help="describe a model: architecture, settings, GFLOPs")
-    parser.add_argument("model", help="a .keras file, a preset directory or a .tflite file")
+    parser.add_argument("model", help="a .keras file, a preset directory, a .tflite or an .onnx file")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                         help="size for the GFLOPs (default: the backbone's image_size)")  # fmt: skip
 
@@ -52,23 +52,36 @@ def keras_lines(model, image_size):
     return lines
 
 
-def tflite_lines(source):
-    from keras_dtop.export import tflite_operators
+def exported_lines(source):
+    """An exported file: format, size, signature, stages and classes, operators (int8 ones marked)."""
+    runner = source.runner
+    if source.kind == "tflite":
+        from keras_dtop.export import int8_operators, tflite_operators
 
-    spec = source.runner.runner.get_input_details()["images"]
-    outputs = source.runner.runner.get_output_details()
-    return [
-        f"model          LiteRT flatbuffer, {os.path.getsize(source.path) / 2**20:.1f} MiB",
-        f"input          images {tuple(int(s) for s in spec['shape'])} {spec['dtype'].__name__}",
-        "outputs        " + ", ".join(f"{k} {tuple(int(s) for s in v['shape'])}" for k, v in sorted(outputs.items())),
+        title, operators, int8 = "LiteRT flatbuffer", tflite_operators(source.path), int8_operators(source.path)
+    else:
+        from keras_dtop.export.onnx import onnx_operators
+
+        title, operators, int8 = "ONNX graph", onnx_operators(source.path), []
+    shape = ", ".join("batch" if s is None else str(s) for s in runner.input_shape)
+    lines = [
+        f"model          {title}, {os.path.getsize(source.path) / 2**20:.1f} MiB",
+        f"input          images ({shape}) {runner.input_dtype.name}",
+        "outputs        " + ", ".join(
+            f"{k} ({', '.join('batch' if s is None else str(s) for s in v)})"
+            for k, v in sorted(runner.output_shapes.items())
+        ),
         f"stages         {source.num_stages}, classes {source.num_classes}",
-        f"operators      {', '.join(tflite_operators(source.path))}",
+        f"operators      {', '.join(operators)}",
     ]
+    if int8:
+        lines.append(f"int8           {', '.join(int8)} (full-integer quantization)")
+    return lines
 
 
 def run(args):
     source = open_model(args.model)
-    lines = tflite_lines(source) if source.kind == "tflite" else keras_lines(source.model, args.image_size)
+    lines = keras_lines(source.model, args.image_size) if source.kind == "keras" else exported_lines(source)
     print(f"{source.path}")
     for line in lines:
         print(f"  {line}")

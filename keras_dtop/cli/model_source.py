@@ -1,6 +1,6 @@
-"""The model a CLI command runs: a `.keras` file, a preset directory or a `.tflite` file.
+"""The model a CLI command runs: a `.keras` file, a preset directory or an exported `.tflite` / `.onnx` file.
 
-`open_model(path)` returns a `KerasSource` or a `LiteRTSource`; both segment a
+`open_model(path)` returns a `KerasSource` or an `ExportedSource`; both segment a
 batch of raw images `(count, H, W, 3)` into per-image results (labels, exit
 stages, alive counts, GFLOPs where known), so that the commands need not care
 which one they hold.
@@ -28,17 +28,21 @@ class ImageResult:
 
 
 def open_model(path):
-    """A `KerasSource` or `LiteRTSource` for `path`, with errors that say what is wrong with it."""
+    """A `KerasSource` or `ExportedSource` for `path`, with errors that say what is wrong with it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"No model at {path!r}: give a .keras file, a preset directory (model.save_to_preset) "
-            "or a .tflite file."
+            f"No model at {path!r}: give a .keras file, a preset directory (model.save_to_preset), "
+            "a .tflite or an .onnx file."
         )
     if path.endswith(".tflite"):
         from keras_dtop.export import LiteRTSegmenter
 
-        return LiteRTSource(path, LiteRTSegmenter(path))
+        return ExportedSource(path, LiteRTSegmenter(path))
+    if path.endswith(".onnx"):
+        from keras_dtop.export import ONNXRuntimeSegmenter
+
+        return ExportedSource(path, ONNXRuntimeSegmenter(path))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(
@@ -98,29 +102,27 @@ class KerasSource:
         ]
 
 
-class LiteRTSource:
-    """An exported `.tflite` DToP model: fixed input size, p0 built in, no GFLOPs."""
-
-    kind = "tflite"
+class ExportedSource:
+    """An exported `.tflite` or `.onnx` DToP model: fixed input size, p0 built in, no GFLOPs."""
 
     def __init__(self, path, runner):
         self.path, self.runner = path, runner
+        self.kind = runner.format
         self.input_size = runner.input_shape[1:3]
-        outputs = runner.runner.get_output_details()
-        self.num_stages = int(outputs["alive_tokens"]["shape"][-1])
-        self.num_classes = int(outputs["scores"]["shape"][-1])
+        self.num_stages = int(runner.output_shapes["alive_tokens"][-1])
+        self.num_classes = int(runner.output_shapes["scores"][-1])
         self.class_names = None
         self.palette = class_palette(self.num_classes)
 
     def set_prune_threshold(self, p0):
-        raise ValueError("--p0 needs a .keras model or a preset directory: a .tflite file has p0 built in.")
+        raise ValueError(f"--p0 needs a .keras model or a preset directory: a .{self.kind} file has p0 built in.")
 
     def check_size(self, height, width, sliding_window):
         if sliding_window is not None:
-            raise ValueError("--sliding-window needs a .keras model or a preset directory, not a .tflite file.")
+            raise ValueError(f"--sliding-window needs a .keras model or a preset directory, not a .{self.kind} file.")
         if (height, width) != self.input_size:
             raise ValueError(
-                f"image size {height}x{width} differs from the .tflite model's input "
+                f"image size {height}x{width} differs from the .{self.kind} model's input "
                 f"{self.input_size[0]}x{self.input_size[1]}: export it at this size (--image-size)."
             )
 

@@ -19,7 +19,7 @@ from keras_dtop.cli.model_source import open_model
 
 def add_parser(commands, name):
     parser = commands.add_parser(name, help="segment images or folders of images; write label PNGs")
-    parser.add_argument("model", help="a .keras file, a preset directory or a .tflite file")
+    parser.add_argument("model", help="a .keras file, a preset directory, a .tflite or an .onnx file")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, help="folder to write into (created)")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")

@@ -20,11 +20,15 @@ def _interpreter_class():
 class LiteRTSegmenter:
     """Callable wrapper of an exported `.tflite` segmenter.
 
+    `input_shape`, `input_dtype` and `output_shapes` describe the signature.
+
     `runner(images)` takes `(count, H, W, 3)` images (what the export's input
     expects: raw pixels when it includes preprocessing), runs them in chunks
     of the model's fixed batch (padding the last), and returns NumPy
     `scores`, `labels`, `alive_tokens` and `exit_stage` for all `count` images.
     """
+
+    format = "tflite"
 
     def __init__(self, path, num_threads=None, **interpreter_kwargs):
         if not os.path.isfile(path):
@@ -39,6 +43,8 @@ class LiteRTSegmenter:
         spec = self.runner.get_input_details()["images"]
         self.input_shape = tuple(int(s) for s in spec["shape"])
         self.input_dtype = np.dtype(spec["dtype"])
+        outputs = self.runner.get_output_details()
+        self.output_shapes = {name: tuple(int(s) for s in v["shape"]) for name, v in outputs.items()}
 
     def __call__(self, images):
         images = check_images(images, self.input_shape, self.input_dtype)

@@ -131,6 +131,13 @@ def convert_function(concrete, opset):
         return graph.make_model("keras-dtop segmenter")
 
 
+def onnx_operators(path):
+    """Sorted operator types of an `.onnx` file's graph (e.g. "MatMul", "TopK")."""
+    import onnx
+
+    return sorted({node.op_type for node in onnx.load(os.fspath(path)).graph.node})
+
+
 def name_dynamic_batch(proto):
     """Call the dynamic first axis of every graph input and output "batch" (tf2onnx: "unk__N")."""
     for value in (*proto.graph.input, *proto.graph.output):

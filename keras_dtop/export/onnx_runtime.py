@@ -17,7 +17,11 @@ class ONNXRuntimeSegmenter:
     `alive_tokens` and `exit_stage` for all `count` images: one call for a
     dynamic-batch model, chunks of its batch otherwise (the last one padded).
     num_threads: ONNX Runtime's intra-op threads (None: its default).
+    `input_shape` (None for a dynamic batch), `input_dtype` and
+    `output_shapes` describe the signature.
     """
+
+    format = "onnx"
 
     def __init__(self, path, num_threads=None, providers=("CPUExecutionProvider",)):
         try:
@@ -40,6 +44,9 @@ class ONNXRuntimeSegmenter:
         self.input_shape = tuple(s if isinstance(s, int) else None for s in shape)
         self.input_dtype = np.dtype(_ONNX_DTYPES[inputs[0].type])
         self.output_names = [output.name for output in self.session.get_outputs()]
+        self.output_shapes = {
+            o.name: tuple(s if isinstance(s, int) else None for s in o.shape) for o in self.session.get_outputs()
+        }
 
     def __call__(self, images):
         images = check_images(images, self.input_shape, self.input_dtype)

@@ -74,15 +74,11 @@ def export_tflite(
 
     with tempfile.TemporaryDirectory(prefix="keras_dtop_tflite_") as tmp:
 
-        def prepare(spec):  # before anything is traced
+        def prepare(spec):
+            """Check the calibration images before anything is traced (spec None: a `.keras`
+            path exported in a subprocess, which checks their size); hand them to the subprocess."""
             if quantization != "full_int8":
                 return {}
-            if spec is None:  # a .keras path for the subprocess: it checks the shapes
-                images = calibration_data
-                if not isinstance(images, (str, os.PathLike)):
-                    images = os.path.join(tmp, "calibration.npy")
-                    np.save(images, calibration_images(calibration_data, None))
-                return {"calibration_data": os.fspath(images)}
             calibration["images"] = calibration_images(calibration_data, spec)
             if running_tensorflow():
                 return {}
