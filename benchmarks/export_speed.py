@@ -22,12 +22,15 @@ exits" (all tokens kept: the graders' cost) and planned exits with a mean
 README-comparable GFLOPs saving of 21% (the paper's ViT-B/16 on ADE20K) and
 40% (`--savings`), spread across the images of a batch. `--model` exports a
 trained model with its own rule and times it on the built-in synthetic
-images it was trained on.
+images it was trained on. Every export runs in a fresh TensorFlow process
+(the timing process holds only the runtimes' sessions).
 """
 
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,11 +47,10 @@ RUNTIMES = ("LiteRT", "ONNX Runtime")
 
 
 def planned_rows(config_name, batch, savings):
-    """(model, images, rows, apply_plan) for a random-weight config with planned exits."""
+    """(model, images, rows) for a random-weight config; rows are (name, settings, plan or None)."""
     import keras
 
     import keras_dtop
-    from keras_dtop.layers.planned_exits import plan_exits
 
     config = CONFIGS[config_name]
     keras.utils.set_random_seed(0)
@@ -60,7 +62,7 @@ def planned_rows(config_name, batch, savings):
     images = np.random.default_rng(0).normal(size=(batch, *image_size, 3)).astype("float32")
     rows = [("dense", dict(pruning_enabled=False), None), ("nothing exits", {}, np.ones((batch, heads)))]
     rows += [(f"{saving:.0%} saving", {}, exit_plan(model, batch, image_size, saving)) for saving in savings]
-    return model, images, rows, lambda m, plan: plan_exits(m, plan)
+    return model, images, rows
 
 
 def trained_rows(path, count):
@@ -72,24 +74,48 @@ def trained_rows(path, count):
     images, _ = synthetic_segmentation(count, model.backbone.image_size, model.num_classes, seed=123)
     model.pruning_enabled = True
     rows = [("dense", dict(pruning_enabled=False), None), ("pruned (own rule)", {}, None)]
-    return model, images.astype("float32"), rows, None
+    return model, images.astype("float32"), rows
 
 
-def export_runner(runtime, model, folder, name, batch, threads):
-    """Export `model` for `runtime`; returns (runner, path, seconds)."""
-    from keras_dtop.export import LiteRTSegmenter, ONNXRuntimeSegmenter, export_onnx, export_tflite
-
+def export_in_worker(runtime, keras_path, plan, out_path, batch):
+    """Export one row in a fresh TensorFlow process (`--export-worker`): the planned exits are
+    installed there (a `PlannedExitPruner` is a measuring tool, not saved in `.keras` files), and
+    each export's memory (GBs for ViT-B: traces, frozen graphs) goes with the process."""
+    plan_path = "-"
+    if plan is not None:
+        plan_path = out_path + ".plan.npy"
+        np.save(plan_path, np.asarray(plan, "float32"))
+    command = [sys.executable, os.path.abspath(__file__), "--export-worker", runtime, keras_path, plan_path, out_path, str(batch)]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"export of {out_path} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def export_worker(runtime, keras_path, plan_path, out_path, batch):
+    import keras
+
+    from keras_dtop.export import export_onnx, export_tflite
+    from keras_dtop.layers.planned_exits import plan_exits
+
+    model = keras.saving.load_model(keras_path, compile=False)
+    if plan_path != "-":
+        plan_exits(model, np.load(plan_path))
     if runtime == "LiteRT":
-        path = export_tflite(model, os.path.join(folder, f"{name}.tflite"), batch_size=batch)
-        runner = LiteRTSegmenter(path, num_threads=threads)
+        export_tflite(model, out_path, batch_size=int(batch))
     else:
-        path = export_onnx(model, os.path.join(folder, f"{name}.onnx"))  # dynamic batch
-        runner = ONNXRuntimeSegmenter(path, num_threads=threads)
-    return runner, path, time.perf_counter() - start
+        export_onnx(model, out_path)  # dynamic batch
 
 
-def benchmark(model, images, rows, apply_plan, repeats, warmup, threads, runtimes, batch, capacity):
+def open_runner(runtime, path, threads):
+    from keras_dtop.export import LiteRTSegmenter, ONNXRuntimeSegmenter
+
+    return (LiteRTSegmenter if runtime == "LiteRT" else ONNXRuntimeSegmenter)(path, num_threads=threads)
+
+
+def benchmark(model, images, rows, repeats, warmup, threads, runtimes, batch, capacity):
     """Export every row for every runtime, then time them interleaved on `images` in batches of `batch`."""
     from keras_dtop.flops import segmenter_flops
 
@@ -104,10 +130,13 @@ def benchmark(model, images, rows, apply_plan, repeats, warmup, threads, runtime
         clone.set_weights(weights)
         for setting, value in settings.items():
             setattr(clone, setting, value)
-        if plan is not None:
-            apply_plan(clone, plan)
+        keras_path = os.path.join(folder, f"row{len(runners)}.keras")
+        clone.save(keras_path)
         for runtime in runtimes:
-            runner, path, convert_s = export_runner(runtime, clone, folder, f"{len(runners)}", batch, threads)
+            suffix = "tflite" if runtime == "LiteRT" else "onnx"
+            path = os.path.join(folder, f"{len(runners)}.{suffix}")
+            convert_s = export_in_worker(runtime, keras_path, plan, path, batch)
+            runner = open_runner(runtime, path, threads)
             counts = runner(images)["alive_tokens"]
             flops = segmenter_flops(clone, counts, image_size, clone.prunes).mean() / 1e9
             runners.append(runner)
@@ -116,7 +145,9 @@ def benchmark(model, images, rows, apply_plan, repeats, warmup, threads, runtime
                 convert_s=convert_s, alive_tokens=counts.mean(axis=0).round(1).tolist(),
                 gflops=float(flops), times=[],
             ))  # fmt: skip
-            print(f"  {runtime}, batch {batch}, {name}: {results[-1]['size_mb']:.1f} MiB in {convert_s:.0f} s", flush=True)
+            print(f"  {runtime}, batch {batch}, {name}: {results[-1]['size_mb']:.1f} MiB, alive "
+                  f"{results[-1]['alive_tokens']}, exported in {convert_s:.0f} s", flush=True)  # fmt: skip
+        os.remove(keras_path)
         pruned = clone.prunes and settings.get("pruning_mode") != "capacity"
         if capacity and pruned and counts[:, 1:].min() < counts[:, 0].max():
             # The same exits with static shapes: capacities = the largest alive counts.
@@ -141,6 +172,7 @@ def benchmark(model, images, rows, apply_plan, repeats, warmup, threads, runtime
         result["efficiency_min"] = float(np.min(dense["times"])) / result["ms_min"] / result["ideal"]
     for result in results:
         del result["times"]
+    shutil.rmtree(folder, ignore_errors=True)  # the sessions hold what they need
     return results
 
 
@@ -170,6 +202,8 @@ def print_machine(threads):
 
 
 def main():
+    if sys.argv[1:2] == ["--export-worker"]:
+        return export_worker(*sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="+", default=["vit_b"], choices=sorted(CONFIGS))
     parser.add_argument("--model", help="a trained .keras DToPSegmenter (replaces --config)")
@@ -191,14 +225,13 @@ def main():
         for batch in args.batch_sizes:
             print(f"== {source}, batch {batch}", flush=True)
             if kind == "model":
-                model, images, rows, apply_plan = trained_rows(source, args.images)
+                model, images, rows = trained_rows(source, args.images)
             else:
-                model, images, rows, apply_plan = planned_rows(source, batch, args.savings)
+                model, images, rows = planned_rows(source, batch, args.savings)
             start = time.perf_counter()
             results = benchmark(
-                model, images, rows, apply_plan, args.repeats, args.warmup, args.threads,
-                args.runtimes, batch, args.capacity,
-            )  # fmt: skip
+                model, images, rows, args.repeats, args.warmup, args.threads, args.runtimes, batch, args.capacity
+            )
             runs[f"{source}, batch {batch}"] = results
             print_table(f"{source}: {images.shape[1]}x{images.shape[2]}, batch {batch}, {args.threads} "
                         f"threads, {time.perf_counter() - start:.0f} s", results)  # fmt: skip
