@@ -4,7 +4,8 @@ For each model, exports the same weights with pruning off ("dense") and on,
 as a builtin-ops float32 TFLite flatbuffer (fixed batch) and an ONNX file
 (dynamic batch), then times them side by side in one process: the LiteRT
 interpreter (XNNPACK) and ONNX Runtime (CPU provider), each with `--threads`
-threads, rows interleaved, warm-up excluded. Prints size, conversion time,
+threads, each pruned row interleaved with its runtime's dense row (two
+sessions open at a time), warm-up excluded. Prints size, conversion time,
 ms/image (median and min), alive tokens per stage, GFLOPs/image (what runs:
 auxiliary heads included when the model prunes), speedup over the same
 runtime's dense row, ideal speedup (dense GFLOPs / GFLOPs run) and
@@ -116,13 +117,18 @@ def open_runner(runtime, path, threads):
 
 
 def benchmark(model, images, rows, repeats, warmup, threads, runtimes, batch, capacity):
-    """Export every row for every runtime, then time them interleaved on `images` in batches of `batch`."""
+    """Export every row for every runtime, then time each pruned row against dense, interleaved.
+
+    Only two sessions are open at a time (a row and its runtime's dense
+    model): eight ViT-B sessions at batch 8 did not fit in 24 GiB. Each row's
+    speedup is against the dense timings taken beside it.
+    """
     from keras_dtop.flops import segmenter_flops
 
     weights = model.get_weights()
     image_size = images.shape[1:3]
     folder = tempfile.mkdtemp(prefix="dtop_export_speed_")
-    runners, results = [], []
+    results = []
     queue = list(rows)
     while queue:
         name, settings, plan = queue.pop(0)
@@ -130,20 +136,18 @@ def benchmark(model, images, rows, repeats, warmup, threads, runtimes, batch, ca
         clone.set_weights(weights)
         for setting, value in settings.items():
             setattr(clone, setting, value)
-        keras_path = os.path.join(folder, f"row{len(runners)}.keras")
+        keras_path = os.path.join(folder, f"row{len(results)}.keras")
         clone.save(keras_path)
         for runtime in runtimes:
             suffix = "tflite" if runtime == "LiteRT" else "onnx"
-            path = os.path.join(folder, f"{len(runners)}.{suffix}")
+            path = os.path.join(folder, f"{len(results)}.{suffix}")
             convert_s = export_in_worker(runtime, keras_path, plan, path, batch)
-            runner = open_runner(runtime, path, threads)
-            counts = runner(images)["alive_tokens"]
+            counts = open_runner(runtime, path, threads)(images)["alive_tokens"]
             flops = segmenter_flops(clone, counts, image_size, clone.prunes).mean() / 1e9
-            runners.append(runner)
             results.append(dict(
-                runtime=runtime, batch=batch, row=name, size_mb=os.path.getsize(path) / 2**20,
+                runtime=runtime, batch=batch, row=name, path=path, size_mb=os.path.getsize(path) / 2**20,
                 convert_s=convert_s, alive_tokens=counts.mean(axis=0).round(1).tolist(),
-                gflops=float(flops), times=[],
+                gflops=float(flops), times=[], dense_times=[],
             ))  # fmt: skip
             print(f"  {runtime}, batch {batch}, {name}: {results[-1]['size_mb']:.1f} MiB, alive "
                   f"{results[-1]['alive_tokens']}, exported in {convert_s:.0f} s", flush=True)  # fmt: skip
@@ -154,25 +158,37 @@ def benchmark(model, images, rows, repeats, warmup, threads, runtimes, batch, ca
             capacities = tuple(int(c) for c in counts[:, 1:].max(axis=0))
             static = dict(pruning_mode="capacity", stage_capacity=capacities)
             queue.insert(0, (f"{name}, capacity {list(capacities)}", static, plan))
-    for repeat in range(warmup + repeats):
-        for runner, result in zip(runners, results):
-            for start in range(0, len(images), batch):
-                chunk = images[start : start + batch]
-                began = time.perf_counter()
-                runner(chunk)
-                if repeat >= warmup:
-                    result["times"].append((time.perf_counter() - began) * 1e3 / len(chunk))
+    for runtime in runtimes:
+        dense = next(r for r in results if r["runtime"] == runtime and r["row"] == "dense")
+        for result in [r for r in results if r["runtime"] == runtime and r is not dense]:
+            pair = [(open_runner(runtime, dense["path"], threads), result["dense_times"]),
+                    (open_runner(runtime, result["path"], threads), result["times"])]  # fmt: skip
+            for repeat in range(warmup + repeats):
+                for runner, times in pair:
+                    for start in range(0, len(images), batch):
+                        chunk = images[start : start + batch]
+                        began = time.perf_counter()
+                        runner(chunk)
+                        if repeat >= warmup:
+                            times.append((time.perf_counter() - began) * 1e3 / len(chunk))
+            del pair
+            dense["times"] += result["dense_times"]
+            print(f"  timed {runtime}, {result['row']}: {np.median(result['times']):.0f} ms/img against "
+                  f"dense {np.median(result['dense_times']):.0f}", flush=True)  # fmt: skip
     for result in results:
-        dense = next(r for r in results if r["runtime"] == result["runtime"] and r["row"] == "dense")
+        if result["row"] == "dense":
+            result["dense_times"] = result["times"]
         result["ms_median"] = float(np.median(result["times"]))
         result["ms_min"] = float(np.min(result["times"]))
-        result["speedup"] = float(np.median(dense["times"])) / result["ms_median"]
-        result["ideal"] = dense["gflops"] / result["gflops"]
+        result["speedup"] = float(np.median(result["dense_times"])) / result["ms_median"]
+        result["ideal"] = next(
+            r["gflops"] for r in results if r["runtime"] == result["runtime"] and r["row"] == "dense"
+        ) / result["gflops"]
         result["efficiency"] = result["speedup"] / result["ideal"]
-        result["efficiency_min"] = float(np.min(dense["times"])) / result["ms_min"] / result["ideal"]
+        result["efficiency_min"] = float(np.min(result["dense_times"])) / result["ms_min"] / result["ideal"]
     for result in results:
-        del result["times"]
-    shutil.rmtree(folder, ignore_errors=True)  # the sessions hold what they need
+        del result["times"], result["dense_times"], result["path"]
+    shutil.rmtree(folder, ignore_errors=True)
     return results
 
 

@@ -84,7 +84,6 @@ def write_onnx(model, path, spec, options, opset=DEFAULT_OPSET):
     """Trace the serving function for `spec` (TensorFlow backend), convert it, check it, save it."""
     import onnx
     import tensorflow as tf
-    import tf2onnx
 
     signature = [tf.TensorSpec(spec.shape, spec.input_dtype, name="images")]
     with inference_settings(
