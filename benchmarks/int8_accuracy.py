@@ -7,8 +7,12 @@ pixel agreement with the float32 export, exit stages kept, alive tokens,
 size and ms/image (batch 1, rows interleaved, warm-up excluded). The scenes
 come from the built-in synthetic data the quickstart trains on.
 
+    python benchmarks/int8_accuracy.py                # trains a small model first (about a minute)
     python examples/quickstart.py --out /tmp/qs
     python benchmarks/int8_accuracy.py --model /tmp/qs/dtop_quickstart.keras
+
+Without `--model` it trains the full-int8 test's recipe: a 4-layer ViT
+(width 32, patch 8, 64x64, 4 classes) for 12 epochs on 192 scenes, p0 0.9.
 """
 
 import argparse
@@ -34,9 +38,33 @@ def mean_iou(labels, predictions, num_classes):
     return float(np.nanmean(iou_from_confusion(confusion_matrix(labels, predictions, num_classes))))
 
 
+def train_small_model(epochs=12, count=192):
+    """The full-int8 test's model (`tests/test_export_full_int8.py`), trained on synthetic scenes."""
+    import keras
+
+    import keras_dtop
+    from keras_dtop.data import synthetic_segmentation
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_dtop.DToPBackbone(
+        patch_size=8, hidden_dim=32, num_layers=4, num_heads=2, mlp_dim=64, image_size=(64, 64), stage_ends=(1, 2, 3)
+    )
+    preprocessor = keras_dtop.DToPImageSegmenterPreprocessor(image_converter=keras_dtop.DToPImageConverter.from_mean_std())
+    model = keras_dtop.DToPSegmenter(
+        backbone, num_classes=4, head_hidden_dim=16, head_num_heads=2, head_num_layers=2, head_dropout=0.0,
+        prune_threshold=0.9, keep_top_k=1, preprocessor=preprocessor,
+    )  # fmt: skip
+    images, labels = synthetic_segmentation(count, (64, 64), 4, seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(images.astype("float32"), labels.astype("int32"), batch_size=16, epochs=epochs, verbose=0)
+    path = os.path.join(tempfile.mkdtemp(prefix="dtop_int8_model_"), "small.keras")
+    model.save(path)
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a trained .keras DToPSegmenter")
+    parser.add_argument("--model", help="a trained .keras DToPSegmenter (default: train a small one)")
     parser.add_argument("--calibration-images", type=int, default=128)
     parser.add_argument("--test-images", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -51,6 +79,8 @@ def main():
     machine = machine_info()
     print(f"machine: {machine['cpu']} | ISA {' '.join(machine['isa'])} | {machine['threads']} CPUs | "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))  # fmt: skip
+    if args.model is None:
+        args.model = train_small_model()
     model = keras.saving.load_model(args.model, compile=False)
     size, classes = model.backbone.image_size, model.num_classes
     calibration, _ = synthetic_segmentation(args.calibration_images, size, classes, seed=2024)
