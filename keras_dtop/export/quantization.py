@@ -20,7 +20,6 @@ def quantize_full_int8(converter, calibration, batch_size, quantized_operators=Q
     as the export's fixed input. Inputs and outputs stay float32.
     """
     import tensorflow as tf
-
     from tensorflow.lite.python import schema_py_generated as schema
 
     from keras_dtop.export.calibration import representative_batches
