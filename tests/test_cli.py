@@ -100,11 +100,13 @@ def test_predict_slides_windows_over_images_of_any_size(saved, tmp_path):
 def test_predict_p0_changes_what_prunes(saved, image_folder, tmp_path):
     _, keras_file, _ = saved
     folder, _ = image_folder
-    for p0 in (1.0, 0.3):
-        assert cli_main(["predict", str(keras_file), str(folder / "img0.png"), "--out", str(tmp_path / str(p0)),
-                         "--p0", str(p0), "--quiet"]) == 0  # fmt: skip
+    for p0 in (["1.0"], ["1.0", "0.3"]):  # one p0, or one per pruning head
+        assert cli_main(["predict", str(keras_file), str(folder / "img0.png"), "--out", str(tmp_path / "-".join(p0)),
+                         "--p0", *p0, "--quiet"]) == 0  # fmt: skip
     dense = next(csv.DictReader(open(tmp_path / "1.0" / "summary.csv")))
     assert dense["alive_stage_3"] == "16" and float(dense["saving"]) == 0.0
+    first_head_off = next(csv.DictReader(open(tmp_path / "1.0-0.3" / "summary.csv")))
+    assert first_head_off["alive_stage_2"] == "16"
 
 
 @pytest.mark.parametrize(
@@ -118,11 +120,12 @@ def test_predict_p0_changes_what_prunes(saved, image_folder, tmp_path):
         (lambda f, m, t: ["predict", str(m), str(f), "--out", str(t), "--opacity", "2"], "--opacity"),
         (lambda f, m, t: ["predict", str(m), str(f), "--out", str(t), "--stride", "8", "8"], "--stride needs"),
         (lambda f, m, t: ["predict", str(m), str(f), "--out", str(t), "--p0", "1.5"], "prune_threshold"),
+        (lambda f, m, t: ["predict", str(m), str(f), "--out", str(t), "--p0", "0.5", "0.5", "0.5"], "pruning heads"),
         (lambda f, m, t: ["evaluate", str(m), "--data", str(t / "nothing")], "nothing"),
         (lambda f, m, t: ["info", str(m), "--image-size", "60", "60"], "patch size 16"),
     ],
     ids=["missing model", "folder no preset", "missing images", "unreadable image", "size off the patch grid",
-         "opacity", "stride alone", "bad p0", "missing dataset", "info size"],  # fmt: skip
+         "opacity", "stride alone", "bad p0", "p0 per head", "missing dataset", "info size"],  # fmt: skip
 )
 def test_cli_errors_exit_2_with_one_line(saved, image_folder, tmp_path, capsys, make_args, message):
     _, keras_file, _ = saved

@@ -25,7 +25,8 @@ def add_parser(commands, name):
     parser.add_argument("--sliding-window", type=int, nargs=2, metavar=("H", "W"),
                         help="the paper's protocol: windows of this crop over every image")  # fmt: skip
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="window step (2/3 crop)")
-    parser.add_argument("--p0", type=float, help="pruning threshold for this run")
+    parser.add_argument("--p0", type=float, nargs="+",
+                        help="pruning threshold for this run: one value, or one per pruning head")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4, help="images (or windows) per model call")
     parser.add_argument("--max-images", type=int, help="stop after this many images")
     parser.add_argument("--json", help="also write the report to this JSON file")
@@ -57,7 +58,7 @@ def run(args):
         raise ValueError(f"evaluate needs a .keras model or a preset directory, not a .{source.kind} file.")
     model = source.model
     if args.p0 is not None:
-        model.prune_threshold = args.p0
+        model.prune_threshold = args.p0[0] if len(args.p0) == 1 else args.p0
     pairs = pair_files(args.data, args.layout, args.split, args.images_dir, args.masks_dir)
     dataset = folder_dataset(
         args.data,

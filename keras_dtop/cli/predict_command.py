@@ -29,7 +29,8 @@ def add_parser(commands, name):
                         help="segment window by window with this crop (any image size)")  # fmt: skip
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
                         help="sliding-window step (default: 2/3 of the crop)")  # fmt: skip
-    parser.add_argument("--p0", type=float, help="pruning threshold for this run (.keras / presets)")
+    parser.add_argument("--p0", type=float, nargs="+",
+                        help="pruning threshold for this run (.keras / presets): one value, or one per pruning head")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4, help="images (or windows) per model call")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -81,7 +82,7 @@ def run(args):
     files = collect_images(args.images)
     source = open_model(args.model)
     if args.p0 is not None:
-        source.set_prune_threshold(args.p0)
+        source.set_prune_threshold(args.p0[0] if len(args.p0) == 1 else args.p0)
     groups = {}  # images of one size share model calls
     for path, name in files:
         size = image_size(path)

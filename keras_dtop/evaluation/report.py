@@ -201,7 +201,7 @@ def evaluate_segmentation(
         num_windows=windows,
         seconds=time.perf_counter() - start,
         settings=dict(
-            prune_threshold=float(model.prune_threshold),
+            prune_threshold=model.prune_threshold,  # a float, or a tuple per head
             keep_top_k=int(model.keep_top_k),
             pruning_enabled=bool(model.pruning_enabled),
             pruning_mode=model.pruning_mode,

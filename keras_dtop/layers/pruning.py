@@ -109,7 +109,10 @@ class TokenPruner(keras.layers.Layer):
     """One grading step: canvas update, scores, and (optionally) the exit rule.
 
     Holds p0 (`prune_threshold`) and k (`keep_top_k`); both may be changed
-    after construction. Stateless otherwise.
+    after construction. Stateless otherwise. p0 is one float for every
+    pruning head, or a tuple with one value per pruning head (head `stage`
+    decides with `prune_threshold[stage]`; 1.0 there means that head never
+    prunes).
 
     Call arguments:
         presence_logits: `(batch, classes, 2)` from this stage's head.
@@ -117,7 +120,7 @@ class TokenPruner(keras.layers.Layer):
         canvas: `(batch, classes, tokens)` or None before the first head.
         alive: bool `(batch, tokens)`, tokens the head saw.
         prune: whether to apply the rule (False for the final head).
-        stage: index of the head (unused by the rule; for subclasses).
+        stage: index of the head: picks the head's p0 when p0 is per stage.
 
     Returns `(canvas, scores, exits)`: the new canvas, this head's score map
     `(batch, classes, tokens)` over the canvas, and the bool exits
@@ -142,6 +145,24 @@ class TokenPruner(keras.layers.Layer):
         self._prune_threshold = check_threshold(value)
 
     @property
+    def lowest_threshold(self):
+        """The smallest p0 of any head: pruning happens somewhere iff it is < 1."""
+        p0 = self.prune_threshold
+        return min(p0) if isinstance(p0, tuple) else p0
+
+    def threshold_at(self, stage):
+        """p0 of pruning head `stage` (0-based)."""
+        p0 = self.prune_threshold
+        if not isinstance(p0, tuple):
+            return p0
+        if stage is None or not 0 <= stage < len(p0):
+            raise ValueError(
+                f"prune_threshold holds {len(p0)} values (one per pruning head), "
+                f"but pruning head {stage} asked for its p0."
+            )
+        return p0[stage]
+
+    @property
     def keep_top_k(self):
         return self._keep_top_k
 
@@ -152,8 +173,9 @@ class TokenPruner(keras.layers.Layer):
     def call(self, presence_logits, mask_logits, canvas, alive, prune=True, stage=None):
         canvas = update_canvas(canvas, mask_logits, alive)
         scores = token_scores(presence_logits, canvas)
-        if prune and self.prune_threshold < 1.0:
-            exits = select_exits(scores, alive, self.prune_threshold, self.keep_top_k)
+        threshold = self.threshold_at(stage) if prune else 1.0
+        if threshold < 1.0:
+            exits = select_exits(scores, alive, threshold, self.keep_top_k)
         else:
             exits = ops.zeros_like(alive)
         return canvas, scores, exits
@@ -165,9 +187,23 @@ class TokenPruner(keras.layers.Layer):
 
 
 def check_threshold(value):
-    """Validate p0: a number in (0, 1]."""
+    """Validate p0: a number in (0, 1], or a non-empty sequence of them (a tuple)."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1:  # NumPy / backend vectors
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("prune_threshold (p0) is an empty sequence: give one value per pruning head.")
+        return tuple(_check_one_threshold(v) for v in value)
+    return _check_one_threshold(value)
+
+
+def _check_one_threshold(value):
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy scalars
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"prune_threshold (p0) must be a float in (0, 1], got {value!r}.")
+        raise TypeError(
+            f"prune_threshold (p0) must be a float in (0, 1] or a sequence of them, got {value!r}."
+        )
     value = float(value)
     if not 0.0 < value <= 1.0:
         raise ValueError(

@@ -8,7 +8,7 @@ from keras import ops
 from keras_hub.models import ImageSegmenter
 
 from keras_dtop.layers.grading_head import GradingHead
-from keras_dtop.layers.pruning import TokenPruner
+from keras_dtop.layers.pruning import TokenPruner, check_threshold
 from keras_dtop.losses import DToPLoss
 from keras_dtop.models import presets
 from keras_dtop.models.backbone import DToPBackbone, check_stage_ends
@@ -18,7 +18,7 @@ from keras_dtop.models.preprocessor import DToPImageSegmenterPreprocessor
 from keras_dtop.models.inputs import check_images, raw_image_batch
 from keras_dtop.models.settings import PruningSettings
 from keras_dtop.models.stage_compiler import inference_context
-from keras_dtop.models.stage_runner import StageRunner
+from keras_dtop.models.stage_runner import StageRunner, check_thresholds_per_head
 from keras_dtop.models.training import DToPTraining
 
 
@@ -59,7 +59,9 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         backbone: a `DToPBackbone`.
         num_classes: number of classes C (>= 1).
         stage_ends: 0-based last layer of each stage; defaults to the backbone's.
-        prune_threshold: p0 in (0, 1]; 1.0 disables pruning.
+        prune_threshold: p0 in (0, 1]; 1.0 disables pruning. Or a sequence with
+            one p0 per pruning head (`len(stage_ends) - 1`), e.g. stricter
+            early heads: `(0.98, 0.95)`.
         keep_top_k: k >= 0 context tokens kept per predicted class and stage.
         head_hidden_dim, head_num_heads, head_num_layers, head_mlp_ratio,
             head_dropout, head_layer_norm_epsilon: grading head settings, the
@@ -144,7 +146,11 @@ class DToPSegmenter(PruningSettings, DToPTraining, ImageSegmenter):
         ]
         for head in self.grading_heads:
             head.build((None, None, backbone.hidden_dim))
-        self.pruner = TokenPruner(prune_threshold, keep_top_k, name="token_pruner")
+        self.pruner = TokenPruner(
+            check_thresholds_per_head(check_threshold(prune_threshold), len(stage_ends) - 1),
+            keep_top_k,
+            name="token_pruner",
+        )
         self.dtype_policy = backbone.dtype_policy
 
         # === Config ===

@@ -10,7 +10,8 @@ that names the setting and the value, before anything reaches a backend.
 
 import numbers
 
-from keras_dtop.models.stage_runner import ExecutionPolicy
+from keras_dtop.layers.pruning import check_threshold
+from keras_dtop.models.stage_runner import ExecutionPolicy, check_thresholds_per_head
 
 PRUNING_MODES = ("auto", "gathered", "masked", "capacity")
 
@@ -62,12 +63,18 @@ class PruningSettings:
 
     @property
     def prune_threshold(self):
-        """p0: tokens with best score strictly above it are exit candidates."""
+        """p0: tokens with best score strictly above it are exit candidates.
+
+        One float for every pruning head, or a tuple with one value per pruning
+        head (`len(stage_ends) - 1`); 1.0 disables pruning (at that head).
+        """
         return self.pruner.prune_threshold
 
     @prune_threshold.setter
     def prune_threshold(self, value):
-        self.pruner.prune_threshold = value  # validated by TokenPruner
+        value = check_threshold(value)
+        check_thresholds_per_head(value, len(self.stage_ends) - 1)
+        self.pruner.prune_threshold = value
 
     @property
     def keep_top_k(self):

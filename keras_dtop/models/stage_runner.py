@@ -156,6 +156,17 @@ def capacity_priority(scores, threshold):
     return ops.where(confidence > threshold, 2.0 + confidence, 1.0 - confidence)
 
 
+def check_thresholds_per_head(prune_threshold, num_pruning_heads):
+    """A per-stage p0 must hold exactly one value per pruning head (a float always fits)."""
+    if isinstance(prune_threshold, tuple) and len(prune_threshold) != num_pruning_heads:
+        raise ValueError(
+            f"prune_threshold has {len(prune_threshold)} values, but the model has "
+            f"{num_pruning_heads} pruning heads (every stage but the last): give one p0 per "
+            f"pruning head, or one float for all, got {prune_threshold}."
+        )
+    return prune_threshold
+
+
 def score_map(token_scores, image_size, patch_size):
     """`(batch, classes, tokens)` -> bilinear `(batch, H, W, classes)` scores."""
     height, width = image_size
@@ -186,8 +197,9 @@ class StageRunner:
         """The `ExecutionPlan` of a call, from the model's settings now."""
         model = self.model
         pruner = model.pruner
+        check_thresholds_per_head(pruner.prune_threshold, len(model.stage_ends) - 1)
         prunes = (
-            model.pruning_enabled and pruner.prune_threshold < 1.0 and len(model.stage_ends) > 1
+            model.pruning_enabled and pruner.lowest_threshold < 1.0 and len(model.stage_ends) > 1
         )
         mode = model.pruning_mode
         if training or mode == "masked":
@@ -351,7 +363,7 @@ class StageRunner:
         if prune and plan.mode == "capacity":
             num_tokens = ops.shape(alive)[1]
             capacity = self.stage_token_capacities(num_tokens)[stage]
-            keep = keep_most_important(next_alive, capacity_priority(scores, plan.pruner[1]), capacity)
+            keep = keep_most_important(next_alive, capacity_priority(scores, model.pruner.threshold_at(stage)), capacity)
             forced = ops.sum(ops.cast(next_alive & ~keep, "int32"), axis=-1)
             exits, next_alive = exits | (next_alive & ~keep), keep
         head = {
