@@ -10,8 +10,8 @@ from keras_dtop.evaluation.threshold_budget import choose_prune_threshold, recor
 
 @pytest.fixture(scope="module")
 def validation():
-    """16 varied images with labels from their brightness (4 classes)."""
-    images = varied_images(16, seed=5)
+    """8 varied images (one model call per pass) with labels from their brightness (4 classes)."""
+    images = varied_images(8, seed=5)
     labels = np.digitize(images.mean(-1), [64, 128, 192]).astype("int32")
     return images, labels
 

@@ -20,6 +20,8 @@ import re
 
 import numpy as np
 
+from keras_dtop.convert.huggingface import checkpoint_names
+
 IMAGENET_MEAN_01 = (0.485, 0.456, 0.406)
 IMAGENET_STD_01 = (0.229, 0.224, 0.225)
 _PATCH_KEY = "embeddings.patch_embeddings.projection.weight"
@@ -122,6 +124,8 @@ def state_dict_from_onnx(onnx_path):
     state.update(_linear_weights(graph, weights, prefix))
     hidden = state[_PATCH_KEY].shape[0]
     state["embeddings.position_embeddings"] = _position_embeddings(graph, weights, state, hidden, onnx_path)
+    # transformers 5 exports its in-memory module names (`layers.0.attention.q_proj`).
+    state = checkpoint_names(state, "dinov2" if any("layer_scale" in k for k in state) else "vit")
     return {k: v for k, v in state.items() if k.startswith(("embeddings.", "encoder.", "layernorm."))}
 
 
