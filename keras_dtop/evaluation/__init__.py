@@ -6,6 +6,7 @@ from keras_dtop.evaluation.report import (
     evaluate_segmentation,
     iou_from_confusion,
 )
+from keras_dtop.evaluation.threshold_budget import ThresholdChoice, choose_prune_threshold
 from keras_dtop.evaluation.sliding_window import (
     SlidingWindow,
     pad_pixel,
