@@ -1,8 +1,12 @@
 """Full-integer int8 TFLite: int8 matrix products calibrated on images, float32 decisions.
 
-A model trained on this backend (synthetic scenes, so that its predictions
-have margins a real model has) is exported in float32 and in full int8; the
-int8 file must segment like the float one.
+A model trained on synthetic scenes (so that its predictions have margins a
+real model has) is exported in float32 and in full int8; the int8 file must
+segment like the float one. Quantization is a TensorFlow conversion property
+(under JAX and PyTorch the exporter converts a saved `.keras` file under
+TensorFlow, as in the TensorFlow session), so those checks run once, in the
+TensorFlow session; every backend exports its own model in full int8, with
+calibration batches handed over from its session.
 """
 
 import os
@@ -10,6 +14,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import conversion_checked_once, varied_images
 from train_for_export import export_test_model
 
 from keras_dtop.cli import main as cli_main
@@ -50,6 +55,7 @@ def exported(trained, scenes, tmp_path_factory):
     return float_path, int8_path
 
 
+@conversion_checked_once
 def test_full_int8_computes_the_matrix_products_in_int8(exported):
     float_path, int8_path = exported
     assert int8_operators(float_path) == []
@@ -64,6 +70,7 @@ def test_full_int8_computes_the_matrix_products_in_int8(exported):
     assert os.path.getsize(int8_path) < os.path.getsize(float_path)
 
 
+@conversion_checked_once
 def test_full_int8_segments_like_float32(exported, scenes):
     float_path, int8_path = exported
     test_images = scenes[2]
@@ -99,6 +106,18 @@ def test_bad_calibration_data_is_refused_before_tracing(options, error, message,
     assert not (tmp_path / "never.tflite").exists()
 
 
+def test_this_backends_model_exports_in_full_int8(trained_export_model, tmp_path):
+    images = varied_images(8, seed=4)
+    labels = np.zeros((4, 64, 64), "int32")
+    calibration = [(images[:4], labels), (images[4:], labels)]  # (images, labels) batches from this session
+    path = export_tflite(trained_export_model, tmp_path / "int8.tflite", quantization="full_int8",
+                         calibration_data=calibration)  # fmt: skip
+    assert {"FULLY_CONNECTED", "BATCH_MATMUL"} <= set(int8_operators(str(path)))
+    outputs = LiteRTSegmenter(str(path))(images[:2])
+    assert outputs["scores"].shape == (2, 64, 64, trained_export_model.num_classes)
+
+
+@conversion_checked_once
 def test_cli_full_int8_from_an_npy_file(trained, scenes, tmp_path, capsys):
     source, calibration = tmp_path / "model.keras", tmp_path / "calibration.npy"
     trained.save(source)
