@@ -162,7 +162,8 @@ def choose_prune_threshold(
 
     model: a trained `DToPSegmenter` (its k is used; its p0 is left as it was).
     data: what `evaluate_segmentation` takes: `(images, labels)` arrays or
-        batches, raw pixels.
+        batches, raw pixels. It is read several times: give arrays, a list or
+        a `tf.data.Dataset`, not a one-shot generator.
     target_saving: fraction of GFLOPs (backbone + final head) to save, in (0, 1).
     target_ms_per_image: measured ms per image of `predict_on_batch` at
         `batch_size` on this machine (timed on the first `timing_images`
