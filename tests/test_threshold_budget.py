@@ -94,3 +94,11 @@ def test_empty_data_is_refused(model):
     empty = (np.zeros((0, 64, 64, 3), "float32"), np.zeros((0, 64, 64), "int32"))
     with pytest.raises(ValueError, match="no data"):
         choose_prune_threshold(model, empty, target_saving=0.2)
+
+
+def test_windows_are_cut_and_padded_as_sliding_window_evaluation_does(model):
+    images = varied_images(2, size=48, seed=6)  # smaller than the 64x64 window: one padded window each
+    labels = np.ones((2, 48, 48), "int32")
+    heads, truth, size = record_heads(model, (images, labels), sliding_window=(64, 64))
+    assert size == (64, 64) and heads[0][1].shape[0] == 2
+    assert (truth[:, :48, :48] == 1).all() and (truth[:, 48:] == 255).all() and (truth[:, :, 48:] == 255).all()

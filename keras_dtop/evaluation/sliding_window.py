@@ -90,6 +90,16 @@ def pad_pixel(model):
     return np.broadcast_to(-offset / scale, (3,)).astype("float32")
 
 
+def crop_window(image, top, left, crop_size, fill):
+    """`image[top:top + h, left:left + w]` as a full `crop_size` window, `fill` past the image's edges."""
+    crop_h, crop_w = crop_size
+    part = image[top : top + crop_h, left : left + crop_w]
+    crop = np.empty((crop_h, crop_w, *image.shape[2:]), np.result_type(part, np.asarray(fill)))
+    crop[...] = fill
+    crop[: part.shape[0], : part.shape[1]] = part
+    return crop
+
+
 def check_window(model, window):
     """Raise a ValueError if `model` cannot run windows of `window.crop_size` as they are."""
     patch = model.backbone.patch_size
@@ -148,9 +158,7 @@ def sliding_window_batch(model, images, window, batch_size=8):
         chunk = jobs[start : start + batch_size]
         crops = np.empty((len(chunk), crop_h, crop_w, channels), "float32")
         for crop, (b, top, left) in zip(crops, chunk):
-            part = images[b, top : top + crop_h, left : left + crop_w]
-            crop[...] = fill
-            crop[: part.shape[0], : part.shape[1]] = part
+            crop[...] = crop_window(images[b], top, left, window.crop_size, fill)
         details = model.predict_details(crops, batch_size=batch_size)
         for window_scores, window_exits, (b, top, left) in zip(details["scores"], details["exit_stage"], chunk):
             h, w = min(crop_h, height - top), min(crop_w, width - left)

@@ -25,8 +25,20 @@ import time
 import numpy as np
 from keras import ops
 
-from keras_dtop.evaluation.report import _batches, confusion_matrix, evaluate_segmentation, iou_from_confusion
-from keras_dtop.evaluation.sliding_window import SlidingWindow, window_positions
+from keras_dtop.evaluation.report import (
+    IGNORE_INDEX,
+    _batches,
+    confusion_matrix,
+    evaluate_segmentation,
+    iou_from_confusion,
+)
+from keras_dtop.evaluation.sliding_window import (
+    SlidingWindow,
+    check_window,
+    crop_window,
+    pad_pixel,
+    window_positions,
+)
 from keras_dtop.flops import segmenter_flops
 from keras_dtop.layers.pruning import check_threshold, select_exits, token_scores
 from keras_dtop.models.stage_runner import score_map
@@ -56,14 +68,17 @@ class ThresholdChoice:
     passes: int = 0
 
 
-def _windows(images, labels, window):
-    """Images and labels cut into the sliding windows the model would see."""
+def _windows(model, images, labels, window):
+    """Images and labels cut into the sliding windows the model sees (padded as
+    `sliding_window_batch` pads them; padded label pixels are ignored)."""
     if window is None:
         return images, labels
-    positions = window_positions(images.shape[1], images.shape[2], window)
-    crop_h, crop_w = window.crop_size
-    cut = [(images[:, t : t + crop_h, l : l + crop_w], labels[:, t : t + crop_h, l : l + crop_w]) for t, l in positions]
-    return np.concatenate([c[0] for c in cut]), np.concatenate([c[1] for c in cut])
+    check_window(model, window)
+    fill = pad_pixel(model)
+    jobs = [(i, t, l) for i in range(len(images)) for t, l in window_positions(*images.shape[1:3], window)]
+    crops = [crop_window(images[i], t, l, window.crop_size, fill) for i, t, l in jobs]
+    truth = [crop_window(labels[i], t, l, window.crop_size, IGNORE_INDEX) for i, t, l in jobs]
+    return np.stack(crops), np.stack(truth)
 
 
 def record_heads(model, data, sliding_window=None, batch_size=8):
@@ -74,7 +89,7 @@ def record_heads(model, data, sliding_window=None, batch_size=8):
     heads, labels = None, []
     try:
         for images, truth in _batches(data, batch_size):
-            images, truth = _windows(np.asarray(images), np.asarray(truth), window)
+            images, truth = _windows(model, np.asarray(images), np.asarray(truth), window)
             for start in range(0, len(images), batch_size):
                 details = model.predict_details(images[start : start + batch_size], batch_size=batch_size)
                 batch = [(h["presence_logits"], h["mask_logits"]) for h in details["heads"]]
@@ -196,7 +211,7 @@ def choose_prune_threshold(
     timing = dense_ms = None
     if target_ms_per_image is not None:
         images = np.concatenate([b[0] for b in _batches(data, batch_size)])
-        timing = _windows(images, np.zeros(images.shape[:3], "uint8"), window)[0][:timing_images]
+        timing = _windows(model, images, np.zeros(images.shape[:3], "uint8"), window)[0][:timing_images]
         previous = model.pruning_enabled
         model.pruning_enabled = False
         try:
